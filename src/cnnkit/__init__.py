@@ -1,0 +1,38 @@
+"""cnnkit: build, train, check, explain and ship convolutional image classifiers with PyTorch.
+
+Public API::
+
+    cnnkit.train(data, model=..., epochs=...)      -> TrainResult (run folder, history, test)
+    cnnkit.create_model(name, num_classes, ...)   -> nn.Module with the classifier contract
+    cnnkit.list_models(pattern)                   -> registered names
+    cnnkit.load_model(run_or_model_file)          -> nn.Module (eval mode) with .meta
+    cnnkit.evaluate(run_or_model_file, data)      -> metrics dict
+    cnnkit.predict(run_or_model_file, images)     -> top-k per image
+
+The names are imported on first use so that ``cnnkit --help`` does not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "train": "cnnkit.api",
+    "load_model": "cnnkit.api",
+    "evaluate": "cnnkit.api",
+    "predict": "cnnkit.api",
+    "create_model": "cnnkit.models",
+    "list_models": "cnnkit.models",
+    "Config": "cnnkit.config",
+    "CnnkitError": "cnnkit.errors",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'cnnkit' has no attribute '{name}'")

@@ -1,0 +1,70 @@
+"""``cnnkit eval``: score a trained model on its run's test split or on given data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cnnkit.cli.train import DEBUG
+
+MAX_CONFUSION_CLASSES = 20  # wider matrices do not fit a terminal; --json has them all
+
+
+def eval_(
+    run_or_model: Annotated[Path, typer.Argument(help="Run folder or model.safetensors file.")],
+    data: Annotated[
+        str | None,
+        typer.Argument(
+            help="Folder of class subfolders or CSV; default: the run's test (else val) split.",
+            show_default=False,
+        ),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 256,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    num_workers: Annotated[int | None, typer.Option(help="DataLoader workers.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+    debug: Annotated[bool, DEBUG] = False,
+) -> None:
+    """Loss, top-1/top-5, per-class precision/recall/F1 and the confusion matrix."""
+    from cnnkit.api import evaluate
+
+    metrics = evaluate(
+        run_or_model, data, batch_size=batch_size, device=device, num_workers=num_workers
+    )
+    if as_json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        _print_tables(metrics)
+
+
+def _print_tables(m: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(
+        f"split {m['split']}: {m['images']} images  acc {m['acc']:.4f}  "
+        f"top-5 {m['acc5']:.4f}  loss {m['loss']:.4f}  "
+        f"balanced acc {m['balanced_acc']:.4f}  macro F1 {m['macro_f1']:.4f}"
+    )
+    table = Table("class", "precision", "recall", "F1", "support", title="per class")
+    for r in m["per_class"]:
+        table.add_row(
+            r["class"],
+            f"{r['precision']:.3f}",
+            f"{r['recall']:.3f}",
+            f"{r['f1']:.3f}",
+            str(r["support"]),
+        )
+    console.print(table)
+    classes = m["classes"]
+    if len(classes) > MAX_CONFUSION_CLASSES:
+        console.print(f"confusion matrix: {len(classes)} classes, too wide to print; use --json")
+        return
+    cm = Table("true \\ pred", *[c[:8] for c in classes], title="confusion matrix")
+    for name, row in zip(classes, m["confusion"], strict=True):
+        cm.add_row(name[:12], *[str(v) for v in row])
+    console.print(cm)

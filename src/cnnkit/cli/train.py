@@ -1,0 +1,124 @@
+"""``cnnkit train``: parse options into a config and hand it to ``cnnkit.api.train``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+DEBUG = typer.Option("--debug", help="Show the full traceback on errors.")
+
+
+def train(
+    data: Annotated[
+        str | None,
+        typer.Argument(
+            help="Image folder, CSV of path,label, or built-in name (digits, mnist, fashion-mnist, "
+            "cifar10, cifar100). Default: digits.",
+            show_default=False,
+        ),
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Config overrides as section.key=value, e.g. optim.weight_decay=5e-4.",
+            show_default=False,
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Model name (see `cnnkit models`), tv:<torchvision name> or timm:<name>."
+        ),
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Number of epochs.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per step.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    name: Annotated[str | None, typer.Option(help="Run folder name under runs/.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config file.")] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(help="Continue the run in this folder exactly where its checkpoint stopped."),
+    ] = None,
+    pretrained: Annotated[
+        bool,
+        typer.Option(
+            help="Start from published weights (tv:/timm: models; needs them downloaded)."
+        ),
+    ] = False,
+    weights: Annotated[
+        Path | None,
+        typer.Option(help="Start from a cnnkit model file or a torchvision/timm state dict."),
+    ] = None,
+    freeze_epochs: Annotated[
+        int | None, typer.Option(help="Train only the classifier head for this many epochs first.")
+    ] = None,
+    input_size: Annotated[int | None, typer.Option(help="Square input side in pixels.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16.")] = None,
+    num_workers: Annotated[int | None, typer.Option(help="DataLoader worker processes.")] = None,
+    quiet: Annotated[bool, typer.Option(help="Plain log lines instead of a progress bar.")] = False,
+    debug: Annotated[bool, DEBUG] = False,
+) -> None:
+    """Train a classifier; everything it writes goes to runs/<name>/."""
+    from cnnkit.api import train as api_train
+
+    data, overrides = _split_positionals(data, overrides or [])
+    if resume is not None:
+        options = dict(data=data, model=model, epochs=epochs, config=config, batch_size=batch_size)
+        given = [k for k, v in options.items() if v is not None] + overrides
+        if given:
+            raise typer.BadParameter(
+                f"--resume continues the run with its saved config; drop {', '.join(given)}",
+                param_hint="--resume",
+            )
+        result = api_train(resume=resume)
+    else:
+        result = api_train(
+            data,
+            config=config,
+            overrides=overrides,
+            model=model,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            name=name,
+            pretrained=pretrained or None,
+            weights=str(weights) if weights else None,
+            freeze_epochs=freeze_epochs,
+            input_size=input_size,
+            device=device,
+            precision=precision,
+            num_workers=num_workers,
+            progress="plain" if quiet else None,
+        )
+    _summary(result)
+
+
+def _split_positionals(data: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+    """``cnnkit train optim.lr=0.1``: a first positional that is an override is not DATA."""
+    if data is not None and "=" in data and not Path(data).exists():
+        return None, [data, *overrides]
+    return data, overrides
+
+
+def _summary(result) -> None:
+    fit = result.fit
+    if fit.best is not None and fit.history:
+        row = fit.history[fit.best_epoch - 1]
+        print(
+            f"best epoch {fit.best_epoch}/{len(fit.history)}: val_acc {row['val_acc']:.4f}  "
+            f"val_loss {row['val_loss']:.4f}"
+        )
+    if result.test is not None:
+        t = result.test
+        print(
+            f"{result.test_split} (best weights): acc {t['acc']:.4f}  top-5 {t['acc5']:.4f}  "
+            f"loss {t['loss']:.4f}  balanced acc {t['balanced_acc']:.4f}"
+        )
+    run = result.run_dir
+    print(f"run folder: {run}")
+    print(f"next: cnnkit eval {run}   |   cnnkit predict {run / 'model.safetensors'} IMAGES")

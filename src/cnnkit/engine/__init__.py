@@ -1,0 +1,1 @@
+"""Training engine: runtime choices, the loop, fit(), optimizers, callbacks, checkpoints."""

@@ -1,0 +1,193 @@
+"""The few helpers ``fit`` calls by name: EMA of weights, best-metric tracking with early stopping,
+progress display and metric logging. Each keeps its state in plain values for the checkpoint."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cnnkit.engine.checkpoint import atomic_write_bytes
+
+# Metrics where smaller is better; everything else (accuracy...) is maximised.
+MINIMIZED = {"val_loss", "train_loss"}
+
+
+class Ema:
+    """Exponential moving average of a model's weights: ``ema = d * ema + (1 - d) * w``.
+
+    ``d`` warms up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so short runs are
+    not dominated by the random initial weights. Buffers (batch-norm statistics) are copied rather
+    than averaged. The average is what gets evaluated and saved when EMA is on.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self._param_names = {n for n, _ in self.module.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        ema_state = self.module.state_dict()
+        for name, value in model.state_dict().items():
+            if name in self._param_names and value.dtype.is_floating_point:
+                ema_state[name].lerp_(value, 1.0 - d)
+            else:
+                ema_state[name].copy_(value)
+
+    def state_dict(self) -> dict:
+        return {"module": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.updates = state["updates"]
+
+
+class BestTracker:
+    """Remembers the best value of the monitored metric and counts epochs since it improved."""
+
+    def __init__(self, monitor: str, patience: int | None):
+        self.monitor, self.patience = monitor, patience
+        self.best: float | None = None
+        self.best_epoch = -1
+        self.bad_epochs = 0
+
+    def update(self, metrics: dict, epoch: int) -> bool:
+        """Record an epoch's metrics; True when it is the best so far."""
+        value = metrics[self.monitor]
+        better = self.best is None or (
+            value < self.best if self.monitor in MINIMIZED else value > self.best
+        )
+        if better and not math.isnan(value):
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience is not None and self.bad_epochs >= self.patience
+
+    def score(self, metrics: dict) -> float:
+        """The monitored value oriented so that larger is better (for ReduceLROnPlateau)."""
+        value = metrics[self.monitor]
+        return -value if self.monitor in MINIMIZED else value
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_epoch = state["best"], state["best_epoch"]
+        self.bad_epochs = state["bad_epochs"]
+
+
+class MetricsLog:
+    """``metrics.csv`` (one row per epoch, rewritten atomically) and optional TensorBoard."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = False):
+        self.path = run_dir / "metrics.csv"
+        self.rows: list[dict] = []
+        self.writer = _tensorboard_writer(run_dir / "tensorboard") if tensorboard else None
+
+    def append(self, row: dict) -> None:
+        self.rows.append(row)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(row))
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_bytes(self.path, buf.getvalue().encode())
+        if self.writer is not None:
+            for key, value in row.items():
+                if key != "epoch":
+                    self.writer.add_scalar(key, value, row["epoch"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _tensorboard_writer(folder: Path):
+    from cnnkit.errors import CnnkitError
+
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise CnnkitError(
+            "train.tensorboard=true needs TensorBoard: pip install 'cnnkit[tensorboard]'"
+        ) from None
+    return SummaryWriter(str(folder))
+
+
+class Progress:
+    """A progress bar per epoch on a terminal; plain log lines otherwise (CI, pipes, --quiet)."""
+
+    def __init__(self, mode: str, epochs: int):
+        if mode not in ("auto", "bar", "plain"):
+            from cnnkit.errors import CnnkitError
+
+            raise CnnkitError(f"train.progress must be auto, bar or plain, got '{mode}'")
+        self.bar = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
+        self.epochs = epochs
+        self._live = None
+
+    def start_epoch(self, epoch: int, steps: int, lr: float) -> None:
+        self._t0, self._steps, self._lr = time.perf_counter(), steps, lr
+        if self.bar:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._live = Progress(
+                TextColumn(f"epoch {epoch + 1}/{self.epochs}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
+                transient=True,
+            )
+            self._live.start()
+            self._task = self._live.add_task("train", total=steps, info="")
+
+    def step(self, step: int, running: dict) -> None:
+        if self._live is None:
+            return
+        elapsed = time.perf_counter() - self._t0
+        info = (
+            f"loss {running['loss']:.4f} acc {running['acc']:.3f} lr {self._lr:.3g} "
+            f"{running['images'] / max(elapsed, 1e-9):.0f} img/s"
+        )
+        self._live.update(self._task, completed=step, info=info)
+
+    def end_epoch(self, row: dict) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+        print(format_row(row, self.epochs), flush=True)
+
+    def message(self, text: str) -> None:
+        print(text, flush=True)
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+
+def format_row(row: dict, epochs: int) -> str:
+    parts = [f"epoch {row['epoch']}/{epochs}"]
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+        if key in row and row[key] == row[key]:  # skip NaN (no validation split)
+            parts.append(f"{key} {row[key]:.4f}")
+    parts.append(f"lr {row['lr']:.3g}")
+    parts.append(f"{row['images_per_s']:.0f} img/s")
+    parts.append(f"{row['epoch_time']:.1f}s")
+    return "  ".join(parts)

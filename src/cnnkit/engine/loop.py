@@ -1,0 +1,127 @@
+"""One epoch of training and one pass of evaluation, written out explicitly.
+
+Metrics are summed on the device and read once at the end (a ``.item()`` per step would force a
+host sync per step on a GPU); the progress display reads them only every ``REFRESH_STEPS`` steps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cnnkit.engine.runtime import Runtime
+
+REFRESH_STEPS = 10  # progress refresh interval: reading the running loss costs a device sync
+
+
+@dataclass
+class StepTools:
+    """What a training step needs besides the model and the batch."""
+
+    optimizer: torch.optim.Optimizer
+    loss_fn: nn.Module
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None  # stepped per step; None: not
+    scaler: torch.amp.GradScaler | None = None
+    grad_clip: float | None = None
+    mix: Callable | None = None  # (images, labels) -> (images, soft labels): MixUp/CutMix
+    ema: object | None = None  # has .update(model)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader,
+    tools: StepTools,
+    rt: Runtime,
+    progress: Callable[[int, dict], None] | None = None,
+) -> dict:
+    """Train for one pass over ``loader``; returns loss, acc, images, seconds."""
+    model.train()
+    loss_sum = torch.zeros((), device=rt.device)
+    correct = torch.zeros((), device=rt.device, dtype=torch.long)
+    seen, start = 0, time.perf_counter()
+    for step, (images, labels) in enumerate(loader):
+        images, labels = rt.to_device(images), labels.to(rt.device, non_blocking=True)
+        loss, logits = _train_step(model, images, labels, tools, rt)
+        loss_sum += loss.detach() * labels.shape[0]
+        correct += (logits.detach().argmax(1) == labels).sum()
+        seen += labels.shape[0]
+        if progress is not None and (step + 1) % REFRESH_STEPS == 0:
+            progress(
+                step + 1,
+                {"loss": loss_sum.item() / seen, "acc": correct.item() / seen, "images": seen},
+            )
+    seconds = time.perf_counter() - start
+    seen = max(seen, 1)
+    return {
+        "loss": loss_sum.item() / seen,
+        "acc": correct.item() / seen,
+        "images": seen,
+        "seconds": seconds,
+    }
+
+
+def _train_step(model, images, labels, tools: StepTools, rt: Runtime):
+    targets = labels
+    if tools.mix is not None:
+        images, targets = tools.mix(images, labels)
+    with rt.autocast():
+        logits = model(images)  # (B, num_classes)
+        loss = tools.loss_fn(logits.float(), targets)
+    tools.optimizer.zero_grad(set_to_none=True)
+    if tools.scaler is not None:
+        tools.scaler.scale(loss).backward()
+        tools.scaler.unscale_(tools.optimizer)
+        _clip(model, tools.grad_clip)
+        tools.scaler.step(tools.optimizer)
+        tools.scaler.update()
+    else:
+        loss.backward()
+        _clip(model, tools.grad_clip)
+        tools.optimizer.step()
+    if tools.scheduler is not None:
+        tools.scheduler.step()
+    if tools.ema is not None:
+        tools.ema.update(model)
+    return loss, logits
+
+
+def _clip(model: nn.Module, max_norm: float | None) -> None:
+    if max_norm is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module, loader, rt: Runtime, num_classes: int, loss_fn: nn.Module | None = None
+) -> dict:
+    """Loss, top-1, top-5 and the confusion matrix (rows: true class, columns: predicted)."""
+    model.eval()
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    loss_sum = torch.zeros((), device=rt.device)
+    top5 = torch.zeros((), device=rt.device, dtype=torch.long)
+    confusion = torch.zeros(num_classes * num_classes, device=rt.device, dtype=torch.long)
+    seen = 0
+    k = min(5, num_classes)
+    for images, labels in loader:
+        images, labels = rt.to_device(images), labels.to(rt.device, non_blocking=True)
+        with rt.autocast():
+            logits = model(images).float()
+        loss_sum += loss_fn(logits, labels) * labels.shape[0]
+        top5 += (logits.topk(k, dim=1).indices == labels[:, None]).any(1).sum()
+        confusion += torch.bincount(
+            labels * num_classes + logits.argmax(1), minlength=num_classes * num_classes
+        )
+        seen += labels.shape[0]
+    confusion = confusion.view(num_classes, num_classes).cpu()
+    seen = max(seen, 1)
+    return {
+        "loss": loss_sum.item() / seen,
+        "acc": confusion.diag().sum().item() / seen,
+        "acc5": top5.item() / seen,
+        "images": seen,
+        "confusion": confusion,
+    }

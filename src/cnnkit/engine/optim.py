@@ -1,0 +1,125 @@
+"""Optimizers and learning-rate schedules, from name tables.
+
+All schedules except ``plateau`` are stepped once per optimizer step (so warmup and one-cycle are
+smooth even for short runs); ``plateau`` is stepped once per epoch with the monitored metric.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from cnnkit.config import OptimConfig
+from cnnkit.errors import CnnkitError
+
+
+def default_lr(cfg: OptimConfig, batch_size: int) -> float:
+    """The configured lr, or a default: SGD 0.1 per 256 images (linear scaling rule), AdamW 1e-3."""
+    if cfg.lr is not None:
+        return cfg.lr
+    return 0.1 * batch_size / 256 if cfg.name == "sgd" else 1e-3
+
+
+def default_weight_decay(cfg: OptimConfig) -> float:
+    if cfg.weight_decay is not None:
+        return cfg.weight_decay
+    return 5e-4 if cfg.name == "sgd" else 0.05
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: weights of convs/linears decay; biases and norm parameters (1-d) do not,
+    since shrinking them only fights the normalisation."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def _sgd(groups: list[dict], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+def _adamw(groups: list[dict], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas))
+
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"sgd": _sgd, "adamw": _adamw}
+
+
+def create_optimizer(model: nn.Module, cfg: OptimConfig, batch_size: int) -> torch.optim.Optimizer:
+    """Optimizer named by ``cfg.name`` over ``model``'s parameters, decay kept off norm and bias."""
+    if cfg.name not in OPTIMIZERS:
+        raise CnnkitError(f"unknown optimizer '{cfg.name}'; choose from {', '.join(OPTIMIZERS)}")
+    if cfg.name == "sgd" and cfg.nesterov and cfg.momentum <= 0:
+        raise CnnkitError("optim.nesterov needs optim.momentum > 0 (or set optim.nesterov=false)")
+    groups = param_groups(model, default_weight_decay(cfg))
+    return OPTIMIZERS[cfg.name](groups, cfg, default_lr(cfg, batch_size))
+
+
+def _onecycle(opt, cfg: OptimConfig, total_steps: int, steps_per_epoch: int):
+    # pct_start 0.25: a quarter of the run warming up, then cosine annealing to ~0.
+    max_lrs = [g["lr"] for g in opt.param_groups]
+    return torch.optim.lr_scheduler.OneCycleLR(
+        opt,
+        max_lr=max_lrs,
+        total_steps=max(total_steps, 2),
+        pct_start=0.25,
+        anneal_strategy="cos",
+        cycle_momentum=False,
+        div_factor=10.0,
+        final_div_factor=100.0,
+    )
+
+
+def _cosine(opt, cfg: OptimConfig, total_steps: int, steps_per_epoch: int):
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _step(opt, cfg: OptimConfig, total_steps: int, steps_per_epoch: int):
+    every = cfg.step_size * steps_per_epoch
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: cfg.gamma ** (step // every))
+
+
+def _plateau(opt, cfg: OptimConfig, total_steps: int, steps_per_epoch: int):
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="max", factor=cfg.gamma, patience=cfg.plateau_patience
+    )
+
+
+def _constant(opt, cfg: OptimConfig, total_steps: int, steps_per_epoch: int):
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+
+
+SCHEDULERS = {
+    "onecycle": _onecycle,
+    "cosine": _cosine,
+    "step": _step,
+    "plateau": _plateau,
+    "constant": _constant,
+}
+EPOCH_SCHEDULERS = {"plateau"}  # stepped with the monitored metric at the end of each epoch
+
+
+def create_scheduler(
+    opt: torch.optim.Optimizer, cfg: OptimConfig, epochs: int, steps_per_epoch: int
+):
+    """Schedule named by ``cfg.scheduler`` for a run of ``epochs`` x ``steps_per_epoch`` steps."""
+    if cfg.scheduler not in SCHEDULERS:
+        raise CnnkitError(
+            f"unknown scheduler '{cfg.scheduler}'; choose from {', '.join(SCHEDULERS)}"
+        )
+    return SCHEDULERS[cfg.scheduler](opt, cfg, epochs * steps_per_epoch, steps_per_epoch)

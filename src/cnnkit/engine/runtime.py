@@ -1,0 +1,171 @@
+"""Runtime choices made once per run: device, precision, memory layout, seeding, threads.
+
+Everything hardware-dependent is decided here so the loop can stay plain: the loop asks the
+``Runtime`` for an autocast context and a grad scaler and never inspects the hardware itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cnnkit.config import RuntimeConfig
+from cnnkit.errors import CnnkitError
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    precision: str  # fp32 | bf16 | fp16
+    channels_last: bool
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed-precision context for forward passes (a no-op in fp32)."""
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        """fp16 needs loss scaling to keep small gradients from flushing to zero; bf16 does not."""
+        if self.precision == "fp16":
+            return torch.amp.GradScaler(self.device.type)
+        return None
+
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """Move an input batch (B, C, H, W) to the device in the run's memory layout."""
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
+
+    def describe(self) -> str:
+        layout = "channels_last" if self.channels_last else "NCHW"
+        return f"{self.device} {self.precision} {layout}"
+
+
+def resolve(cfg: RuntimeConfig, deterministic: bool = False) -> Runtime:
+    """Pick device, precision and layout from the config (``auto`` = best for this machine)."""
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    precision = _precision(cfg.precision, device)
+    channels_last = _channels_last(cfg.channels_last, device)
+    set_deterministic(deterministic)
+    return Runtime(device=device, precision=precision, channels_last=channels_last)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA, else MPS, else CPU; an explicit name must be available here."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CnnkitError(f"unknown device '{name}'; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CnnkitError(f"device '{name}' requested but CUDA is not available on this machine")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise CnnkitError(f"device '{name}' requested but MPS is not available on this machine")
+    return device
+
+
+def _precision(name: str, device: torch.device) -> str:
+    if name not in ("auto", *PRECISIONS):
+        raise CnnkitError(f"unknown precision '{name}'; use auto, fp32, bf16 or fp16")
+    if name != "auto":
+        if name == "fp16" and device.type == "cpu":
+            raise CnnkitError("precision fp16 is for GPUs; on the CPU use bf16 or fp32")
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return "bf16"
+    return "fp32"
+
+
+def _channels_last(mode: str, device: torch.device) -> bool:
+    if mode not in ("auto", "on", "off"):
+        raise CnnkitError(f"runtime.channels_last must be auto, on or off, got '{mode}'")
+    if mode != "auto":
+        return mode == "on"
+    # Tensor cores and oneDNN convolutions prefer NHWC; MPS gains nothing from it.
+    return device.type in ("cuda", "cpu")
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU does bf16 math in hardware (AVX512-BF16 or AMX); emulated bf16 is slower
+    than fp32, so autocast is only worth it with native support."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        flags = cpuinfo.read_text(errors="ignore")
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    return False
+
+
+def set_deterministic(enabled: bool) -> None:
+    """Ask for deterministic kernels (bit-reproducible on GPU at some speed cost)."""
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    torch.backends.cudnn.benchmark = not enabled
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A seed for one epoch that depends only on (seed, epoch), so a resumed run replays it."""
+    return (seed * 1_000_003 + epoch * 7919 + 1) % 2**63
+
+
+def rng_state() -> dict:
+    """All RNG states as tensors and plain values (safe for ``weights_only`` loading)."""
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": _numpy_state(),
+        "python": _python_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys.numpy(), dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _numpy_state() -> list:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
+
+
+def _python_state() -> list:
+    version, internal, gauss_next = random.getstate()
+    return [version, list(internal), gauss_next]

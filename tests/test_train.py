@@ -1,0 +1,116 @@
+"""Training end to end through the Python API: accuracy, exact resume, the model file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cnnkit
+from cnnkit.engine.checkpoint import load_checkpoint, load_model_file
+
+
+def test_digits_reaches_95_percent(tmp_path):
+    result = cnnkit.train(epochs=8, out_dir=str(tmp_path), progress="plain")
+    assert result.test_split == "test"
+    assert result.test["acc"] >= 0.95, result.test
+    run = result.run_dir
+    assert run.name == "simple_cnn-digits-1"
+    for name in (
+        "config.yaml",
+        "metrics.csv",
+        "model.safetensors",
+        "checkpoints/last.pt",
+        "test_metrics.json",
+    ):
+        assert (run / name).is_file(), name
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,train_loss,train_acc,val_loss,val_acc")
+    assert len(rows) == 1 + 8
+    assert not list(run.rglob("*.tmp")), "atomic writes leave no temp files"
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_is_bit_exact(tmp_path, num_workers):
+    # Randomness everywhere: augmentation, MixUp, dropout-free model + EMA, per-step schedule.
+    options = dict(
+        epochs=3,
+        out_dir=str(tmp_path),
+        progress="plain",
+        num_workers=num_workers,
+        overrides=[
+            "data.pad_crop=1",
+            "data.mixup=0.2",
+            "train.ema=true",
+            "optim.scheduler=cosine",
+            "data.batch_size=64",
+        ],
+    )
+    whole = cnnkit.train(name="whole", **options)
+    part = cnnkit.train(name="part", stop_after=1, **options)
+    assert load_checkpoint(part.run_dir / "checkpoints/last.pt")["epoch"] == 1
+    resumed = cnnkit.train(resume=part.run_dir)
+    a = load_checkpoint(whole.run_dir / "checkpoints/last.pt")
+    b = load_checkpoint(resumed.run_dir / "checkpoints/last.pt")
+    assert a["epoch"] == b["epoch"] == 3
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key in a["ema"]["module"]:
+        assert torch.equal(a["ema"]["module"][key], b["ema"]["module"][key]), key
+    timing = {"epoch_time", "images_per_s"}
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
+    assert strip(a["history"]) == strip(b["history"])
+    csv_rows = (resumed.run_dir / "metrics.csv").read_text().splitlines()
+    assert (
+        len(csv_rows) == 4
+        and csv_rows[0] == (whole.run_dir / "metrics.csv").read_text().splitlines()[0]
+    )
+
+
+def test_model_file_round_trip(tmp_path):
+    result = cnnkit.train(epochs=2, out_dir=str(tmp_path), progress="plain")
+    state, meta = load_model_file(result.run_dir / "model.safetensors")
+    assert meta["arch"] == "simple_cnn" and meta["classes"] == [str(i) for i in range(10)]
+    assert meta["preprocessing"]["input_size"] == [8, 8]
+    model = cnnkit.load_model(result.run_dir)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key])
+    again = cnnkit.load_model(result.run_dir / "model.safetensors")
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model(x), again(x))
+    metrics = cnnkit.evaluate(result.run_dir)
+    assert metrics["split"] == "test"
+    assert metrics["acc"] == pytest.approx(result.test["acc"])
+
+
+def test_checkpoint_is_weights_only(tmp_path):
+    result = cnnkit.train(epochs=1, out_dir=str(tmp_path), progress="plain")
+    state = torch.load(result.run_dir / "checkpoints/last.pt", weights_only=True)
+    assert set(state) >= {"model", "optimizer", "scheduler", "rng", "tracker", "config", "epoch"}
+
+
+def test_early_stop_when_monitor_stalls(tmp_path):
+    # lr 0: nothing changes, so val_acc stops improving after the first epoch.
+    result = cnnkit.train(
+        epochs=6,
+        out_dir=str(tmp_path),
+        progress="plain",
+        overrides=["optim.lr=0", "optim.scheduler=constant", "train.patience=2"],
+    )
+    assert result.fit.stopped_early and result.fit.epochs_done == 3
+
+
+@pytest.mark.parametrize("scheduler", ["onecycle", "cosine", "step", "plateau", "constant"])
+def test_adamw_with_each_scheduler_learns(tmp_path, scheduler):
+    result = cnnkit.train(
+        epochs=4,
+        out_dir=str(tmp_path),
+        progress="plain",
+        overrides=[
+            "optim.name=adamw",
+            f"optim.scheduler={scheduler}",
+            "optim.lr=3e-3",
+            "train.grad_clip=1.0",
+        ],
+    )
+    assert result.test["acc"] > 0.8
