@@ -210,3 +210,31 @@ def test_name_clash_is_refused(tmp_path, capsys):
     err = _bad(tmp_path, capsys, "train", *FAST, "--name", "x", f"train.out_dir={tmp_path}")
     assert "already exists" in err
     assert (tmp_path / "x" / "model.safetensors").read_bytes() == before
+
+
+def test_layer_spec_model_from_yaml_config(tmp_path, capsys):
+    config = tmp_path / "spec.yaml"
+    config.write_text(
+        "model:\n  name: spec\n  kwargs:\n    layers:\n"
+        "      - {conv: 16, kernel: 3, padding: 1, bn: true, act: relu}\n"
+        "      - {pool: max, kernel: 2}\n"
+        "      - {conv: 32, kernel: 3, dilation: 1, groups: 2, bn: true, act: gelu}\n"
+        "      - {flatten: true}\n      - {dropout: 0.1}\n      - {linear: 32}\n"
+        "      - {act: relu}\n"
+        "train:\n  epochs: 6\noptim:\n  lr: 0.3\n"
+    )
+    code, out, err = cli(
+        capsys,
+        "train",
+        "--config",
+        config,
+        "--quiet",
+        "--name",
+        "spec",
+        f"train.out_dir={tmp_path}",
+    )
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "spec" / "test_metrics.json").read_text())
+    assert metrics["acc"] > 0.8
+    code, out, err = cli(capsys, "eval", tmp_path / "spec", "--json")
+    assert code == 0 and json.loads(out)["acc"] == pytest.approx(metrics["acc"])

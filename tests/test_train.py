@@ -114,3 +114,18 @@ def test_adamw_with_each_scheduler_learns(tmp_path, scheduler):
         ],
     )
     assert result.test["acc"] > 0.8
+
+
+def test_tensorboard_logging(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = cnnkit.train(
+        epochs=2, out_dir=str(tmp_path), progress="plain", overrides=["train.tensorboard=true"]
+    )
+    events = EventAccumulator(str(result.run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val_acc")] == [1, 2]
+    assert events.Scalars("train_loss")[-1].value == pytest.approx(
+        result.fit.history[-1]["train_loss"], rel=1e-6
+    )

@@ -77,7 +77,7 @@ def load_checkpoint(path: str | Path) -> dict:
 def save_model_file(path: str | Path, state_dict: dict, meta: dict) -> None:
     """Write weights + JSON metadata (architecture, classes, preprocessing...) as safetensors."""
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    metadata = {"format": MODEL_FORMAT, "cnnkit": json.dumps(meta, sort_keys=True)}
+    metadata = {"format": MODEL_FORMAT, "cnnkit": json.dumps(meta)}  # key order matters (spec)
     atomic_write_bytes(path, st_save(tensors, metadata=metadata))
 
 
