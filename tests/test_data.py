@@ -375,3 +375,19 @@ def test_batch_mix_shapes_and_seed():
         )
     with pytest.raises(CnnkitError, match="mixup"):
         batch_mix(DataConfig(mixup=-1.0), 4)
+
+
+def test_given_mean_std_are_used_and_checked(tmp_path):
+    from cnnkit.config import DataConfig
+
+    folder = tmp_path / "f"
+    for c, colour in enumerate([(200, 30, 30), (30, 200, 30)]):
+        for i in range(6):
+            (folder / f"c{c}").mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (16, 16), colour).save(folder / f"c{c}" / f"{i}.png")
+    splits = build(DataConfig(source=str(folder), mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25]), 0)
+    assert splits.preprocessing["mean"] == [0.5, 0.5, 0.5]
+    x = eval_transform(splits.preprocessing)(Image.new("RGB", (16, 16), (200, 30, 30)))
+    assert x[0, 0, 0].item() == pytest.approx((200 / 255 - 0.5) / 0.25, abs=1e-5)
+    with pytest.raises(CnnkitError, match="need 3 value"):
+        build(DataConfig(source=str(folder), mean=[0.5], std=[0.25]), 0)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from conftest import make_folder
 
 import cnnkit
 from cnnkit.api import _build_model, resolve_config
 from cnnkit.cli.main import run
 from cnnkit.data import build
 from cnnkit.engine.checkpoint import load_checkpoint, load_model_file
+from conftest import make_folder
 
 FOLDER_OPTIONS = dict(progress="plain", num_workers=0, input_size=32)
 
@@ -135,3 +135,17 @@ def test_pretrained_offline_is_a_clear_error(tmp_path, image_folder, capsys, mon
 def test_pretrained_on_zoo_model_is_refused(tmp_path, capsys, name):
     code = run(["train", "--model", name, "--pretrained", f"train.out_dir={tmp_path}/r"])
     assert code == 2 and "no published weights" in capsys.readouterr().err
+
+
+def test_pretrained_models_get_the_normalisation_of_their_weights(image_folder):
+    from cnnkit.api import _match_pretrained_normalisation
+
+    cfg = resolve_config(str(image_folder), model="tv:resnet18", input_size=32)
+    splits = build(cfg.data, seed=0)
+    model = _build_model(cfg, splits)  # random weights; pretend they were published ones
+    assert _match_pretrained_normalisation(cfg, splits, model) is splits
+    cfg.model.pretrained = True
+    matched = _match_pretrained_normalisation(cfg, splits, model)
+    assert matched.mean == pytest.approx(model.default_cfg["mean"])
+    assert cfg.data.mean == pytest.approx(list(model.default_cfg["mean"]))
+    assert splits.mean != matched.mean

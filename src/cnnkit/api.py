@@ -57,6 +57,7 @@ def train(
     runtime.seed_everything(cfg.train.seed)
     splits = data.build(cfg.data, seed=cfg.train.seed)
     model = _build_model(cfg, splits)
+    splits = _match_pretrained_normalisation(cfg, splits, model)
     run_dir = _new_run_dir(cfg, splits.name)
     return _fit_in(
         run_dir, model, splits, cfg, resume_state=None, stop_after=stop_after, created=True
@@ -186,6 +187,16 @@ def _build_model(cfg: Config, splits, load_weights: bool = True) -> nn.Module:
             "only later; it is meant for fine-tuning"
         )
     return model
+
+
+def _match_pretrained_normalisation(cfg: Config, splits, model: nn.Module):
+    """Published weights expect the mean/std they were trained with (ImageNet's, usually), not
+    the statistics of the user's data; rebuild the splits with them unless data.mean is set."""
+    mean, std = model.default_cfg["mean"], model.default_cfg["std"]
+    if not cfg.model.pretrained or cfg.data.mean is not None or len(mean) != splits.in_chans:
+        return splits
+    cfg.data.mean, cfg.data.std = [float(v) for v in mean], [float(v) for v in std]
+    return data.build(cfg.data, seed=cfg.train.seed)
 
 
 def read_weights(path: str | Path) -> dict:

@@ -31,6 +31,8 @@ class DataConfig:
     test: str | None = None  # explicit test folder/CSV; else test/ inside source
     val_fraction: float = 0.1  # share of train carved out (seeded, stratified) when there is no val
     input_size: int | None = None  # square side in pixels; None: the dataset's native size
+    mean: list | None = None  # per-channel normalisation (0..1 units); None: known or measured
+    std: list | None = None  # (pretrained models set both to the values their weights expect)
     batch_size: int = 128  # per process
     num_workers: int | None = None  # DataLoader workers; None: chosen for the machine
     cache_dir: str = "~/.cache/cnnkit"  # downloads of built-in datasets

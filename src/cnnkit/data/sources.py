@@ -184,7 +184,9 @@ def build(cfg: DataConfig, seed: int) -> Splits:
         keep, held = stratified_split(train.targets, cfg.val_fraction, seed)
         train, val = train.subset(keep), (train.subset(held) if len(held) else None)
     in_chans, input_size, crop = _geometry(train, cfg.input_size)
-    if src.mean is None:
+    if cfg.mean is not None or cfg.std is not None:
+        mean, std = _given_stats(cfg, in_chans)
+    elif src.mean is None:
         mean, std = _image_stats(train, in_chans, input_size, crop)
     else:
         mean, std = src.mean, src.std
@@ -204,6 +206,19 @@ def build(cfg: DataConfig, seed: int) -> Splits:
         fingerprint=src.fingerprint,
         augment=resolve_augment(pre, cfg, src.preset),
     )
+
+
+def _given_stats(cfg: DataConfig, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``data.mean``/``data.std`` from the config: both set, one value per channel, std > 0."""
+    mean, std = cfg.mean, cfg.std
+    if mean is None or std is None or len(mean) != in_chans or len(std) != in_chans:
+        raise CnnkitError(
+            f"data.mean and data.std need {in_chans} value(s) each for this {in_chans}-channel "
+            f"data, got mean={mean} std={std}"
+        )
+    if not all(isinstance(v, int | float) for v in [*mean, *std]) or min(std) <= 0:
+        raise CnnkitError(f"data.mean/std must be numbers with std > 0, got {mean} / {std}")
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
 def build_eval(

@@ -129,8 +129,12 @@ def _tensorboard_writer(folder: Path):
     return SummaryWriter(str(folder))
 
 
+PLAIN_EVERY_S = 30.0  # plain mode: a progress line within long epochs at most this often
+
+
 class Progress:
-    """A progress bar per epoch on a terminal; plain log lines otherwise (CI, pipes, --quiet)."""
+    """A progress bar per epoch on a terminal; plain log lines otherwise (CI, pipes, --quiet):
+    one per epoch, plus one every ``PLAIN_EVERY_S`` seconds inside long epochs."""
 
     def __init__(self, mode: str, epochs: int):
         if mode not in ("auto", "bar", "plain"):
@@ -143,6 +147,7 @@ class Progress:
 
     def start_epoch(self, epoch: int, steps: int, lr: float) -> None:
         self._t0, self._steps, self._lr = time.perf_counter(), steps, lr
+        self._epoch, self._last_line = epoch, self._t0
         if self.bar:
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -158,14 +163,24 @@ class Progress:
             self._task = self._live.add_task("train", total=steps, info="")
 
     def step(self, step: int, running: dict) -> None:
-        if self._live is None:
+        now = time.perf_counter()
+        if self._live is None and now - self._last_line < PLAIN_EVERY_S:
             return
-        elapsed = time.perf_counter() - self._t0
+        elapsed = now - self._t0
         info = (
             f"loss {running['loss']:.4f} acc {running['acc']:.3f} lr {self._lr:.3g} "
             f"{running['images'] / max(elapsed, 1e-9):.0f} img/s"
         )
-        self._live.update(self._task, completed=step, info=info)
+        if self._live is not None:
+            self._live.update(self._task, completed=step, info=info)
+            return
+        self._last_line = now
+        eta = elapsed / step * (self._steps - step)
+        print(
+            f"epoch {self._epoch + 1}/{self.epochs} step {step}/{self._steps}  {info}  "
+            f"eta {eta:.0f}s",
+            flush=True,
+        )
 
     def end_epoch(self, row: dict) -> None:
         if self._live is not None:
