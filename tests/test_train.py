@@ -129,3 +129,20 @@ def test_tensorboard_logging(tmp_path):
     assert events.Scalars("train_loss")[-1].value == pytest.approx(
         result.fit.history[-1]["train_loss"], rel=1e-6
     )
+
+
+def test_no_validation_split(tmp_path):
+    from cnnkit.errors import CnnkitError
+
+    with pytest.raises(CnnkitError, match="no validation split"):
+        cnnkit.train(
+            epochs=1,
+            out_dir=str(tmp_path),
+            overrides=["data.val_fraction=0", "optim.scheduler=plateau"],
+        )
+    assert not any(tmp_path.iterdir()), "a refused run leaves nothing behind"
+    result = cnnkit.train(
+        epochs=2, out_dir=str(tmp_path), progress="plain", overrides=["data.val_fraction=0"]
+    )
+    assert result.test_split == "test" and result.fit.epochs_done == 2
+    assert (result.run_dir / "model.safetensors").is_file()

@@ -54,7 +54,7 @@ def fit(
     many epochs (the run can be resumed later), for time-boxed jobs.
     """
     tc = cfg.train
-    _check_monitor(tc.monitor, tc.patience, has_val=splits.val is not None)
+    _check_monitor(cfg, has_val=splits.val is not None)
     rt = runtime.resolve(cfg.runtime, tc.deterministic)
     model = model.to(rt.device, memory_format=rt.memory_format)
     num_classes = len(splits.classes)
@@ -83,7 +83,6 @@ def fit(
         f"images, {num_classes} classes, {rt.describe()}, epochs {start + 1}..{tc.epochs}"
     )
 
-    epoch = start
     try:
         for epoch in range(start, tc.epochs):
             _set_frozen(model, frozen=epoch < tc.freeze_epochs)
@@ -137,15 +136,21 @@ def _loader(dataset, cfg: Config, rt: runtime.Runtime, train: bool):
     )
 
 
-def _check_monitor(monitor: str, patience: int | None, has_val: bool) -> None:
+def _check_monitor(cfg: Config, has_val: bool) -> None:
+    monitor = cfg.train.monitor
     if monitor not in MONITORS:
         raise CnnkitError(
             f"train.monitor '{monitor}' is not a metric; use one of {', '.join(MONITORS)}"
         )
-    if not has_val and monitor.startswith("val_") and patience is not None:
+    needs = []
+    if cfg.train.patience is not None:
+        needs.append("early stopping (train.patience)")
+    if cfg.optim.scheduler == "plateau":
+        needs.append("the plateau scheduler")
+    if not has_val and monitor.startswith("val_") and needs:
         raise CnnkitError(
-            "early stopping (train.patience) needs a validation split; "
-            "set data.val_fraction > 0 or give data.val"
+            f"{needs[0]} watches {monitor} but there is no validation split; set "
+            "data.val_fraction > 0, give data.val, or set train.monitor=train_loss"
         )
 
 
