@@ -166,12 +166,14 @@ def _final_eval(run_dir: Path, splits, cfg: Config) -> tuple[dict | None, str | 
 
 
 def _build_model(cfg: Config, splits, load_weights: bool = True) -> nn.Module:
+    """The configured architecture; with ``load_weights`` also its starting weights (published
+    or from a file). Resuming passes False: the checkpoint holds the weights, no download."""
     mc = cfg.model
     model = models.create_model(
         mc.name,
         num_classes=len(splits.classes),
         in_chans=splits.in_chans,
-        pretrained=mc.pretrained,
+        pretrained=mc.pretrained and load_weights,
         **mc.kwargs,
     )
     if load_weights and mc.weights:
@@ -181,7 +183,7 @@ def _build_model(cfg: Config, splits, load_weights: bool = True) -> nn.Module:
                 f"note: {len(skipped)} head tensors of {mc.weights} did not match "
                 f"{len(splits.classes)} classes; the head starts fresh"
             )
-    if cfg.train.freeze_epochs and not (mc.weights or mc.pretrained):
+    if load_weights and cfg.train.freeze_epochs and not (mc.weights or mc.pretrained):
         print(
             "note: --freeze-epochs without --weights or --pretrained trains a random body "
             "only later; it is meant for fine-tuning"
@@ -247,15 +249,18 @@ def _new_run_dir(cfg: Config, data_name: str) -> Path:
                 f"run folder {run_dir} already exists; continue it with --resume "
                 f"{run_dir} or pick another --name"
             )
-    else:
-        stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{cfg.model.name}-{data_name}").strip("-")
-        taken = [p.name for p in root.glob(f"{stem}-*")] if root.is_dir() else []
-        numbers = [
-            int(m.group(1)) for n in taken if (m := re.fullmatch(rf"{re.escape(stem)}-(\d+)", n))
-        ]
-        run_dir = root / f"{stem}-{max(numbers, default=0) + 1}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{cfg.model.name}-{data_name}").strip("-")
+    taken = [p.name for p in root.glob(f"{stem}-*")] if root.is_dir() else []
+    pattern = re.compile(rf"{re.escape(stem)}-(\d+)")
+    number = max((int(m.group(1)) for n in taken if (m := pattern.fullmatch(n))), default=0) + 1
+    while True:  # mkdir without exist_ok: two runs started at once never share a folder
+        try:
+            (root / f"{stem}-{number}").mkdir(parents=True)
+            return root / f"{stem}-{number}"
+        except FileExistsError:
+            number += 1
 
 
 def model_path(run_or_model: str | Path) -> Path:

@@ -145,8 +145,8 @@ class Progress:
         self.epochs = epochs
         self._live = None
 
-    def start_epoch(self, epoch: int, steps: int, lr: float) -> None:
-        self._t0, self._steps, self._lr = time.perf_counter(), steps, lr
+    def start_epoch(self, epoch: int, steps: int) -> None:
+        self._t0, self._steps = time.perf_counter(), steps
         self._epoch, self._last_line = epoch, self._t0
         if self.bar:
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -168,7 +168,7 @@ class Progress:
             return
         elapsed = now - self._t0
         info = (
-            f"loss {running['loss']:.4f} acc {running['acc']:.3f} lr {self._lr:.3g} "
+            f"loss {running['loss']:.4f} acc {running['acc']:.3f} lr {running['lr']:.3g} "
             f"{running['images'] / max(elapsed, 1e-9):.0f} img/s"
         )
         if self._live is not None:

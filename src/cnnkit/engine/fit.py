@@ -89,7 +89,7 @@ def fit(
             torch.manual_seed(runtime.epoch_seed(tc.seed, epoch))  # dropout, MixUp draws
             train_loader.sampler.set_epoch(epoch)
             lr = optimizer.param_groups[0]["lr"]
-            progress.start_epoch(epoch, len(train_loader), lr)
+            progress.start_epoch(epoch, len(train_loader))
             train = train_one_epoch(model, train_loader, tools, rt, progress.step)
             eval_model = tools.ema.module if tools.ema is not None else model
             val = evaluate(eval_model, val_loader, rt, num_classes) if val_loader else None

@@ -52,7 +52,12 @@ def train_one_epoch(
         if progress is not None and (step + 1) % REFRESH_STEPS == 0:
             progress(
                 step + 1,
-                {"loss": loss_sum.item() / seen, "acc": correct.item() / seen, "images": seen},
+                {
+                    "loss": loss_sum.item() / seen,
+                    "acc": correct.item() / seen,
+                    "images": seen,
+                    "lr": tools.optimizer.param_groups[0]["lr"],
+                },
             )
     seconds = time.perf_counter() - start
     seen = max(seen, 1)
