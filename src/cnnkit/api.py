@@ -9,20 +9,22 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from cnnkit import __version__, data, models
-from cnnkit.config import Config, RuntimeConfig, from_dict, load
+from cnnkit import __version__, data, models, recipes
+from cnnkit.config import Config, RuntimeConfig, from_dict, load, parse_override, read_yaml
 from cnnkit.engine import runtime
 from cnnkit.engine.checkpoint import atomic_write_bytes, load_checkpoint, load_model_file
 from cnnkit.engine.fit import CHECKPOINT, FitResult, fit
 from cnnkit.engine.loop import evaluate as evaluate_loader
 from cnnkit.errors import CnnkitError
 from cnnkit.evaluation.metrics import summarize
+from cnnkit.evaluation.tta import check_mode, with_tta
 
 MODEL_FILE = "model.safetensors"
 
@@ -56,6 +58,7 @@ def train(
     cfg = resolve_config(data_source, config, overrides, **options)
     runtime.seed_everything(cfg.train.seed)
     splits = data.build(cfg.data, seed=cfg.train.seed)
+    recipes.check_data(cfg, splits)
     model = _build_model(cfg, splits)
     splits = _match_pretrained_normalisation(cfg, splits, model)
     run_dir = _new_run_dir(cfg, splits.name)
@@ -82,6 +85,7 @@ SHORTCUTS = {  # option name -> config key, for train(...) keywords and CLI flag
     "num_workers": "data.num_workers",
     "out_dir": "train.out_dir",
     "progress": "train.progress",
+    "recipe": "train.recipe",
 }
 
 
@@ -91,13 +95,39 @@ def resolve_config(
     overrides: list[str] | None = None,
     **options,
 ) -> Config:
-    """Defaults < config file/dict < shortcut options < dotted overrides."""
+    """Defaults < recipe preset < config file/dict < shortcut options < dotted overrides."""
+    layers = [_config_layer(config), _options_layer(data_source, options)]
+    layers += [parse_override(item) for item in overrides or []]
+    user = Config()
+    for layer in layers:
+        user = from_dict(layer, user)
+    given_batch = any("batch_size" in layer.get("data", {}) for layer in layers)
+    cfg = from_dict(
+        recipes.preset(user.train.recipe, user.data.batch_size if given_batch else None)
+    )
+    for layer in layers:
+        cfg = from_dict(layer, cfg)
+    check_mode(cfg.train.tta)
+    return cfg
+
+
+def _config_layer(config: str | Path | Config | dict | None) -> dict:
+    """What the user's config sets, as a nested dict (a ``Config``: its non-default values)."""
+    if config is None:
+        return {}
+    if isinstance(config, dict):
+        return config
     if isinstance(config, Config):
-        cfg = config
-    elif isinstance(config, dict):
-        cfg = from_dict(config)
-    else:
-        cfg = load(config)
+        defaults = Config().to_dict()
+        return {
+            section: changed
+            for section, values in config.to_dict().items()
+            if (changed := {k: v for k, v in values.items() if defaults[section][k] != v})
+        }
+    return read_yaml(Path(config))
+
+
+def _options_layer(data_source: str | None, options: dict) -> dict:
     flat = {} if data_source is None else {"data.source": data_source}
     for key, value in options.items():
         if key not in SHORTCUTS:
@@ -111,7 +141,7 @@ def resolve_config(
     for key, value in flat.items():
         section, field = key.split(".")
         nested.setdefault(section, {})[field] = value
-    return load(None, overrides, base=from_dict(nested, cfg))
+    return nested
 
 
 def _resume(run_dir: Path, stop_after: int | None) -> TrainResult:
@@ -150,7 +180,9 @@ def _fit_in(
         elif isinstance(e, KeyboardInterrupt):
             print(f"\ninterrupted; continue with: cnnkit train --resume {run_dir}")
         raise
+    start = time.perf_counter()
     test, split_name = _final_eval(run_dir, splits, cfg)
+    result.timings["final_eval"] = time.perf_counter() - start
     return TrainResult(run_dir=run_dir, fit=result, test=test, test_split=split_name)
 
 
@@ -160,7 +192,9 @@ def _final_eval(run_dir: Path, splits, cfg: Config) -> tuple[dict | None, str | 
     if dataset is None:
         return None, None
     model = load_model(run_dir / MODEL_FILE, device=cfg.runtime.device)
-    metrics = _score(model, dataset, cfg.data.batch_size, cfg.runtime.device, cfg.data.num_workers)
+    metrics = _score(
+        model, dataset, cfg.data.batch_size, cfg.runtime.device, cfg.data.num_workers, cfg.train.tta
+    )
     atomic_write_bytes(run_dir / f"{name}_metrics.json", json.dumps(metrics, indent=2).encode())
     return metrics, name
 
@@ -354,14 +388,22 @@ def _own_split(run_dir: Path):
 
 
 def _score(
-    model: nn.Module, dataset, batch_size: int, device: str, num_workers: int | None
+    model: nn.Module,
+    dataset,
+    batch_size: int,
+    device: str,
+    num_workers: int | None,
+    tta: str = "none",
 ) -> dict:
     rt = runtime.resolve(RuntimeConfig(device=device))
     model = model.to(rt.device, memory_format=rt.memory_format)
     loader = data.make_loader(dataset, batch_size, train=False, seed=0, num_workers=num_workers)
     classes = model.meta["classes"]
-    raw = evaluate_loader(model, loader, rt, len(classes))
-    return summarize(raw, classes)
+    raw = evaluate_loader(with_tta(model, tta), loader, rt, len(classes))
+    metrics = summarize(raw, classes)
+    if tta != "none":
+        metrics["tta"] = tta
+    return metrics
 
 
 def predict(

@@ -61,15 +61,18 @@ class OptimConfig:
     nesterov: bool = True
     weight_decay: float | None = None  # None: 5e-4 for sgd, 0.05 for adamw; never on norm/bias
     betas: list = field(default_factory=lambda: [0.9, 0.999])
-    scheduler: str = "onecycle"  # onecycle | cosine | step | plateau | constant
+    scheduler: str = "onecycle"  # onecycle | cosine | step | plateau | constant | triangle
     warmup_epochs: float = 1.0  # cosine: linear warmup length
     step_size: int = 30  # step: epochs between decays
     gamma: float = 0.1  # step/plateau: decay factor
     plateau_patience: int = 3  # plateau: epochs without improvement before a decay
+    norm_bias_lr_mult: float = 1.0  # lr multiplier for batch-norm biases (speedrun: 64)
+    decoupled_wd: bool = False  # sgd: weight_decay is the shrink per step at peak lr, whatever lr
 
 
 @dataclass
 class TrainConfig:
+    recipe: str = "default"  # default | speedrun (32x32 data); a preset under your own settings
     epochs: int = 20
     seed: int = 0
     deterministic: bool = False  # deterministic kernels (slower on GPU)
@@ -78,6 +81,9 @@ class TrainConfig:
     freeze_epochs: int = 0  # train only the head for this many epochs first (fine-tuning)
     ema: bool = False  # keep an exponential moving average of the weights and evaluate it
     ema_decay: float = 0.999
+    lookahead: bool = False  # every lookahead_every steps pull the weights toward a slow average
+    lookahead_every: int = 5
+    tta: str = "none"  # final test evaluation: none | flip | flip_translate (mean of views)
     monitor: str = "val_acc"  # metric that picks the best weights and drives early stopping
     patience: int | None = None  # early stopping: epochs without improvement of monitor
     out_dir: str = "runs"
@@ -129,7 +135,7 @@ def load(
     """Config from defaults (or ``base``), a YAML file, then ``key=value`` overrides."""
     cfg = base or Config()
     if path is not None:
-        cfg = from_dict(_read_yaml(Path(path)), cfg)
+        cfg = from_dict(read_yaml(Path(path)), cfg)
     for item in overrides or []:
         cfg = from_dict(parse_override(item), cfg)
     return cfg
@@ -155,7 +161,7 @@ def section_names() -> list[str]:
     return [f.name for f in _fields(Config)]
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise CnnkitError(f"config file not found: {path}")
     try:

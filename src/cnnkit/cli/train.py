@@ -36,6 +36,12 @@ def train(
     batch_size: Annotated[int | None, typer.Option(help="Images per step.")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    recipe: Annotated[
+        str | None,
+        typer.Option(
+            help="Preset under your own settings: default, or speedrun (32x32 CIFAR-like data)."
+        ),
+    ] = None,
     name: Annotated[str | None, typer.Option(help="Run folder name under runs/.")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML config file.")] = None,
     resume: Annotated[
@@ -68,6 +74,7 @@ def train(
     data, overrides = _split_positionals(data, overrides or [])
     if resume is not None:
         options = dict(data=data, model=model, epochs=epochs, config=config, batch_size=batch_size)
+        options["recipe"] = recipe
         given = [k for k, v in options.items() if v is not None] + overrides
         if given:
             raise typer.BadParameter(
@@ -85,6 +92,7 @@ def train(
             batch_size=batch_size,
             lr=lr,
             seed=seed,
+            recipe=recipe,
             name=name,
             pretrained=pretrained or None,
             weights=str(weights) if weights else None,

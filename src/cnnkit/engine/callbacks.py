@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cnnkit.config import TrainConfig
 from cnnkit.engine.checkpoint import atomic_write_bytes
+from cnnkit.errors import CnnkitError
 
 # Metrics where smaller is better; everything else (accuracy...) is maximised.
 MINIMIZED = {"val_loss", "train_loss"}
@@ -51,6 +53,64 @@ class Ema:
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["module"])
         self.updates = state["updates"]
+
+
+class Lookahead:
+    """Lookahead on the weights (Zhang et al. 2019, as airbench schedules it): every ``every``
+    optimizer steps, ``slow = d * slow + (1 - d) * fast`` and then ``fast = slow``.
+
+    ``d`` grows as ``0.95**every * (t / total_steps)**3``: near 0 early (plain SGD), strong
+    averaging late. After step ``total_steps`` the model is left holding the slow weights.
+    All floating-point state is averaged, batch-norm statistics included. The model itself is
+    what gets evaluated (``module``), as with ``Ema``.
+    """
+
+    BASE = 0.95  # per-step decay the schedule ends at
+
+    def __init__(self, model: nn.Module, every: int, total_steps: int):
+        if every < 1:
+            raise CnnkitError(f"train.lookahead_every must be >= 1, got {every}")
+        self.module, self.every, self.total_steps = model, every, max(total_steps, 1)
+        self.updates = 0
+        self.slow = {k: v.detach().clone() for k, v in _float_state(model).items()}
+
+    def decay(self, step: int) -> float:
+        return self.BASE**self.every * (step / self.total_steps) ** 3
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        if self.updates % self.every == 0:
+            self._pull(model, self.decay(self.updates))
+        if self.updates == self.total_steps:
+            self._pull(model, 1.0)
+
+    def _pull(self, model: nn.Module, decay: float) -> None:
+        for name, fast in _float_state(model).items():
+            slow = self.slow[name]
+            slow.lerp_(fast, 1.0 - decay)
+            fast.copy_(slow)
+
+    def state_dict(self) -> dict:
+        return {"slow": dict(self.slow), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, value in state["slow"].items():
+            self.slow[name].copy_(value)
+        self.updates = state["updates"]
+
+
+def _float_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if v.dtype.is_floating_point}
+
+
+def weight_averager(model: nn.Module, tc: TrainConfig, total_steps: int) -> Ema | Lookahead | None:
+    """The run's weight averaging: ``Ema``, ``Lookahead`` or none (they do not combine)."""
+    if tc.ema and tc.lookahead:
+        raise CnnkitError("train.ema and train.lookahead both average the weights; pick one")
+    if tc.lookahead:
+        return Lookahead(model, tc.lookahead_every, total_steps)
+    return Ema(model, tc.ema_decay) if tc.ema else None
 
 
 class BestTracker:

@@ -7,7 +7,8 @@ keep the best weights in ``model.safetensors``, log a row to ``metrics.csv``, th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,13 +18,14 @@ from cnnkit.config import Config
 from cnnkit.data import make_loader
 from cnnkit.data.transforms import batch_mix
 from cnnkit.engine import runtime
-from cnnkit.engine.callbacks import BestTracker, Ema, MetricsLog, Progress
+from cnnkit.engine.callbacks import BestTracker, MetricsLog, Progress, weight_averager
 from cnnkit.engine.checkpoint import save_checkpoint, save_model_file
 from cnnkit.engine.loop import StepTools, evaluate, train_one_epoch
 from cnnkit.engine.optim import EPOCH_SCHEDULERS, create_optimizer, create_scheduler
 from cnnkit.errors import CnnkitError
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
+INIT_SAMPLE = 5000  # training images shown to a model's init_from_data (airbench whitens on 5000)
 MONITORS = ("val_acc", "val_loss", "train_acc", "train_loss")
 
 
@@ -35,6 +37,7 @@ class FitResult:
     best_epoch: int  # 1-based; 0 when no epoch ran
     epochs_done: int
     stopped_early: bool
+    timings: dict = field(default_factory=dict)  # seconds: init_from_data; api adds final_eval
 
 
 def fit(
@@ -61,6 +64,7 @@ def fit(
 
     train_loader = _loader(splits.train, cfg, rt, train=True)
     val_loader = _loader(splits.val, cfg, rt, train=False) if splits.val is not None else None
+    timings = {} if resume else _init_from_data(model, train_loader, rt)
     optimizer = create_optimizer(model, cfg.optim, cfg.data.batch_size)
     scheduler = create_scheduler(optimizer, cfg.optim, tc.epochs, len(train_loader))
     per_step = cfg.optim.scheduler not in EPOCH_SCHEDULERS
@@ -71,7 +75,7 @@ def fit(
         scaler=rt.grad_scaler(),
         grad_clip=tc.grad_clip,
         mix=batch_mix(cfg.data, num_classes),
-        ema=Ema(model, tc.ema_decay) if tc.ema else None,
+        ema=weight_averager(model, tc, tc.epochs * len(train_loader)),
     )
     tracker = BestTracker(tc.monitor, tc.patience)
     log = MetricsLog(run_dir, tc.tensorboard)
@@ -122,6 +126,7 @@ def fit(
         best_epoch=max(tracker.best_epoch, 0) if val_loader else len(log.rows),
         epochs_done=len(log.rows),
         stopped_early=tracker.should_stop,
+        timings=timings,
     )
 
 
@@ -134,6 +139,22 @@ def _loader(dataset, cfg: Config, rt: runtime.Runtime, train: bool):
         num_workers=cfg.data.num_workers,
         pin_memory=rt.device.type == "cuda",
     )
+
+
+def _init_from_data(model: nn.Module, loader, rt: runtime.Runtime) -> dict:
+    """Let a model set weights from data once before training (speedrun_net's whitening conv),
+    from up to INIT_SAMPLE images of epoch 0; on resume the checkpoint holds them already."""
+    if not hasattr(model, "init_from_data"):
+        return {}
+    start, batches, seen = time.perf_counter(), [], 0
+    loader.sampler.set_epoch(0)
+    for images, _ in loader:
+        batches.append(images)
+        seen += images.shape[0]
+        if seen >= INIT_SAMPLE:
+            break
+    model.init_from_data(rt.to_device(torch.cat(batches)[:INIT_SAMPLE]))
+    return {"init_from_data": time.perf_counter() - start}
 
 
 def _check_monitor(cfg: Config, has_val: bool) -> None:

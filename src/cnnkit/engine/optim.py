@@ -29,16 +29,30 @@ def default_weight_decay(cfg: OptimConfig) -> float:
     return 5e-4 if cfg.name == "sgd" else 0.05
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: weights of convs/linears decay; biases and norm parameters (1-d) do not,
-    since shrinking them only fights the normalisation."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        (no_decay if p.ndim <= 1 else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+def param_groups(
+    model: nn.Module, weight_decay: float, lr: float, norm_bias_lr_mult: float = 1.0
+) -> list[dict]:
+    """Weights of convs/linears decay; biases and norm parameters (1-d) do not, since shrinking
+    them only fights the normalisation. With ``norm_bias_lr_mult`` != 1 the batch-norm biases get
+    a group of their own at that multiple of ``lr`` (Page's raised bias lr, 64x in airbench)."""
+    norm_biases = {id(m.bias) for m in model.modules() if _is_norm(m) and m.bias is not None}
+    decay, no_decay, raised = [], [], []
+    for p in model.parameters():
+        if norm_bias_lr_mult != 1.0 and id(p) in norm_biases:
+            raised.append(p)
+        else:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "lr": lr},
+        {"params": no_decay, "weight_decay": 0.0, "lr": lr},
     ]
+    if raised:
+        groups.append({"params": raised, "weight_decay": 0.0, "lr": lr * norm_bias_lr_mult})
+    return groups
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._NormBase | nn.GroupNorm | nn.LayerNorm)
 
 
 def _sgd(groups: list[dict], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
@@ -58,8 +72,19 @@ def create_optimizer(model: nn.Module, cfg: OptimConfig, batch_size: int) -> tor
         raise CnnkitError(f"unknown optimizer '{cfg.name}'; choose from {', '.join(OPTIMIZERS)}")
     if cfg.name == "sgd" and cfg.nesterov and cfg.momentum <= 0:
         raise CnnkitError("optim.nesterov needs optim.momentum > 0 (or set optim.nesterov=false)")
-    groups = param_groups(model, default_weight_decay(cfg))
-    return OPTIMIZERS[cfg.name](groups, cfg, default_lr(cfg, batch_size))
+    if cfg.decoupled_wd and cfg.name != "sgd":
+        raise CnnkitError(
+            f"optim.decoupled_wd is for sgd; {cfg.name} decouples weight decay itself"
+        )
+    lr = default_lr(cfg, batch_size)
+    groups = param_groups(model, default_weight_decay(cfg), lr, cfg.norm_bias_lr_mult)
+    if cfg.decoupled_wd:
+        # SGD multiplies the decay by the lr, so divide it out: each step shrinks the weights by
+        # weight_decay x (the schedule's current fraction of peak lr), whatever the lr or its
+        # per-group multiplier (airbench's convention).
+        for group in groups:
+            group["weight_decay"] /= group["lr"]
+    return OPTIMIZERS[cfg.name](groups, cfg, lr)
 
 
 def _onecycle(opt, cfg: OptimConfig, total_steps: int, steps_per_epoch: int):
@@ -94,6 +119,20 @@ def _step(opt, cfg: OptimConfig, total_steps: int, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: cfg.gamma ** (step // every))
 
 
+def _triangle(opt, cfg: OptimConfig, total_steps: int, steps_per_epoch: int):
+    # airbench's schedule: linear from 0.2x up to the peak at 23% of the run, then linear down
+    # to 0.07x at the end.
+    start, peak_at, end = 0.2, 0.23, 0.07
+    peak_step = max(1, round(peak_at * total_steps))
+
+    def factor(step: int) -> float:
+        if step < peak_step:
+            return start + (1 - start) * step / peak_step
+        return 1 + (end - 1) * min(1.0, (step - peak_step) / max(1, total_steps - peak_step))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
 def _plateau(opt, cfg: OptimConfig, total_steps: int, steps_per_epoch: int):
     return torch.optim.lr_scheduler.ReduceLROnPlateau(
         opt, mode="max", factor=cfg.gamma, patience=cfg.plateau_patience
@@ -110,6 +149,7 @@ SCHEDULERS = {
     "step": _step,
     "plateau": _plateau,
     "constant": _constant,
+    "triangle": _triangle,
 }
 EPOCH_SCHEDULERS = {"plateau"}  # stepped with the monitored metric at the end of each epoch
 

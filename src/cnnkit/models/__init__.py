@@ -7,7 +7,7 @@ Every model from ``create_model`` has ``forward_features`` (B,C,H,W) -> (B,F,h,w
 """
 
 # The family modules register their builders on import.
-from cnnkit.models import mobilenet, resnet, simple  # noqa: F401
+from cnnkit.models import mobilenet, resnet, simple, speedrun  # noqa: F401
 from cnnkit.models._registry import (
     builder_options,
     create_model,
