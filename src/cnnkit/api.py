@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from cnnkit import __version__, data, models
-from cnnkit.config import Config, RuntimeConfig, from_dict, load
+from cnnkit.config import Config, DataConfig, RuntimeConfig, from_dict, load
+from cnnkit.data.memory import run_loader
 from cnnkit.engine import runtime
 from cnnkit.engine.checkpoint import atomic_write_bytes, load_checkpoint, load_model_file
 from cnnkit.engine.fit import CHECKPOINT, FitResult, fit
@@ -160,7 +161,7 @@ def _final_eval(run_dir: Path, splits, cfg: Config) -> tuple[dict | None, str | 
     if dataset is None:
         return None, None
     model = load_model(run_dir / MODEL_FILE, device=cfg.runtime.device)
-    metrics = _score(model, dataset, cfg.data.batch_size, cfg.runtime.device, cfg.data.num_workers)
+    metrics = _score(model, dataset, cfg.data.batch_size, cfg.runtime.device, cfg.data)
     atomic_write_bytes(run_dir / f"{name}_metrics.json", json.dumps(metrics, indent=2).encode())
     return metrics, name
 
@@ -334,7 +335,7 @@ def evaluate(
         split = str(data_source)
     else:
         dataset, split = _own_split(Path(run_or_model))
-    metrics = _score(model, dataset, batch_size, device, num_workers)
+    metrics = _score(model, dataset, batch_size, device, DataConfig(num_workers=num_workers))
     metrics["split"] = split
     return metrics
 
@@ -353,12 +354,20 @@ def _own_split(run_dir: Path):
     )
 
 
-def _score(
-    model: nn.Module, dataset, batch_size: int, device: str, num_workers: int | None
-) -> dict:
+def _score(model: nn.Module, dataset, batch_size: int, device: str, data_cfg: DataConfig) -> dict:
     rt = runtime.resolve(RuntimeConfig(device=device))
     model = model.to(rt.device, memory_format=rt.memory_format)
-    loader = data.make_loader(dataset, batch_size, train=False, seed=0, num_workers=num_workers)
+    loader = run_loader(
+        dataset,
+        model.meta["preprocessing"],
+        None,
+        data_cfg,
+        batch_size,
+        train=False,
+        seed=0,
+        device=rt.device,
+        memory_format=rt.memory_format,
+    )
     classes = model.meta["classes"]
     raw = evaluate_loader(model, loader, rt, len(classes))
     return summarize(raw, classes)
