@@ -22,6 +22,7 @@ from cnnkit.engine import runtime
 from cnnkit.engine.checkpoint import atomic_write_bytes, load_checkpoint, load_model_file
 from cnnkit.engine.fit import CHECKPOINT, FitResult, fit
 from cnnkit.engine.loop import evaluate as evaluate_loader
+from cnnkit.engine.tuning import auto_batch_size
 from cnnkit.errors import CnnkitError
 from cnnkit.evaluation.metrics import summarize
 
@@ -55,10 +56,17 @@ def train(
     if resume is not None:
         return _resume(Path(resume), stop_after)
     cfg = resolve_config(data_source, config, overrides, **options)
+    _check_batch_size(cfg.data.batch_size)
     runtime.seed_everything(cfg.train.seed)
     splits = data.build(cfg.data, seed=cfg.train.seed)
     model = _build_model(cfg, splits)
     splits = _match_pretrained_normalisation(cfg, splits, model)
+    if cfg.data.batch_size == "auto":
+        rt = runtime.resolve(cfg.runtime, cfg.train.deterministic)
+        shape = (splits.in_chans, *splits.input_size)
+        cfg.data.batch_size = auto_batch_size(
+            model, rt, shape, len(splits.classes), len(splits.train)
+        )
     run_dir = _new_run_dir(cfg, splits.name)
     return _fit_in(
         run_dir, model, splits, cfg, resume_state=None, stop_after=stop_after, created=True
@@ -113,6 +121,12 @@ def resolve_config(
         section, field = key.split(".")
         nested.setdefault(section, {})[field] = value
     return load(None, overrides, base=from_dict(nested, cfg))
+
+
+def _check_batch_size(value) -> None:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return
+    raise CnnkitError(f"data.batch_size must be a positive integer or 'auto', got {value!r}")
 
 
 def _resume(run_dir: Path, stop_after: int | None) -> TrainResult:

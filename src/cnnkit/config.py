@@ -33,7 +33,7 @@ class DataConfig:
     input_size: int | None = None  # square side in pixels; None: the dataset's native size
     mean: list | None = None  # per-channel normalisation (0..1 units); None: known or measured
     std: list | None = None  # (pretrained models set both to the values their weights expect)
-    batch_size: int = 128  # per process
+    batch_size: int | str = 128  # per process; "auto": measured for this machine and model
     num_workers: int | None = None  # DataLoader workers; None: chosen for the machine
     cache_dir: str = "~/.cache/cnnkit"  # downloads of built-in datasets, decoded image caches
     decode_cache: str = "auto"  # auto: decode files once when they fit cache_memory | on | off
@@ -95,7 +95,8 @@ class RuntimeConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     channels_last: str = "auto"  # auto | on | off
-    threads: int | None = None  # torch intra-op threads; None: leave torch's choice
+    threads: int | None = None  # torch intra-op threads; None: the cores this process may use
+    compile: str = "auto"  # torch.compile the training model: auto (CUDA runs) | on | off
 
 
 @dataclass

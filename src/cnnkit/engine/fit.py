@@ -74,7 +74,10 @@ def fit(
         grad_clip=tc.grad_clip,
         mix=batch_mix(cfg.data, num_classes),
         ema=Ema(model, tc.ema_decay) if tc.ema else None,
+        note=progress.message,
     )
+    # the compiled wrapper shares the parameters; state dicts are always taken from ``model``
+    train_model = torch.compile(model) if rt.compile else model
     tracker = BestTracker(tc.monitor, tc.patience)
     log = MetricsLog(run_dir, tc.tensorboard)
     start = _restore(resume, model, tools, scheduler, tracker, log) if resume else 0
@@ -91,7 +94,9 @@ def fit(
             train_loader.sampler.set_epoch(epoch)
             lr = optimizer.param_groups[0]["lr"]
             progress.start_epoch(epoch, len(train_loader))
-            train = train_one_epoch(model, train_loader, tools, rt, progress.step)
+            train = train_one_epoch(train_model, train_loader, tools, rt, progress.step)
+            if rt.compile and epoch == start:
+                progress.message(f"compile warm-up: {train['first_step']:.1f} s (first step)")
             eval_model = tools.ema.module if tools.ema is not None else model
             val = evaluate(eval_model, val_loader, rt, num_classes) if val_loader else None
             row = _row(epoch, train, val, lr)

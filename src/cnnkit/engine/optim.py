@@ -41,12 +41,32 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def _multi_tensor(groups: list[dict], kind: str) -> dict:
+    """Update all parameters in a few big kernels instead of one small one per tensor, on CUDA
+    and CPU. Measured on 2 CPU cores, 2.1M parameters, per step: SGD 7.0 ms (per tensor) ->
+    3.6 ms (foreach) / 2.9 ms (fused); AdamW 14.9 -> 4.4 ms (fused). SGD stays on foreach:
+    torch's fused SGD fails when some parameters start training later (fine-tuning after
+    --freeze-epochs leaves their momentum buffers empty while others have one)."""
+    devices = {p.device.type for g in groups for p in g["params"]}
+    if not devices or not devices <= {"cuda", "cpu"}:
+        return {}
+    return {kind: True}
+
+
 def _sgd(groups: list[dict], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return torch.optim.SGD(
+        groups,
+        lr=lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+        **_multi_tensor(groups, "foreach"),
+    )
 
 
 def _adamw(groups: list[dict], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas))
+    return torch.optim.AdamW(
+        groups, lr=lr, betas=tuple(cfg.betas), **_multi_tensor(groups, "fused")
+    )
 
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"sgd": _sgd, "adamw": _adamw}
