@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 import torchvision
-from torchvision.transforms import v2
+from common import textbook_cifar_transform
 
 from cnnkit.config import DataConfig
 from cnnkit.data import build
@@ -34,15 +34,7 @@ from cnnkit.data.memory import MemoryLoader, run_loader
 
 def torchvision_epoch(root: Path, batch_size: int, workers: int) -> tuple[float, int]:
     start = time.perf_counter()
-    transform = v2.Compose(
-        [
-            v2.ToImage(),
-            v2.RandomCrop(32, padding=4),
-            v2.RandomHorizontalFlip(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize((0.49, 0.48, 0.45), (0.25, 0.24, 0.26)),
-        ]
-    )
+    transform = textbook_cifar_transform()
     dataset = torchvision.datasets.ImageFolder(str(root), transform=transform)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True

@@ -18,12 +18,11 @@ Timings alternate between variants and report the median of ``--repeats`` rounds
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 
 import torch
+from common import machine
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -31,22 +30,6 @@ import cnnkit
 from cnnkit.config import RuntimeConfig
 from cnnkit.engine import runtime
 from cnnkit.engine.loop import StepTools, train_one_epoch
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return (
-        f"{cpu}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads, {gpu}, "
-        f"native CPU bf16: {runtime.cpu_has_native_bf16()}, torch {torch.__version__}"
-    )
 
 
 def sync(device: torch.device) -> None:
