@@ -18,7 +18,7 @@ from torch import nn
 from cnnkit import __version__, data, models
 from cnnkit.config import Config, DataConfig, RuntimeConfig, from_dict, load
 from cnnkit.data.memory import run_loader
-from cnnkit.engine import runtime
+from cnnkit.engine import distributed, runtime
 from cnnkit.engine.checkpoint import atomic_write_bytes, load_checkpoint, load_model_file
 from cnnkit.engine.fit import CHECKPOINT, FitResult, fit
 from cnnkit.engine.loop import evaluate as evaluate_loader
@@ -44,6 +44,7 @@ def train(
     overrides: list[str] | None = None,
     resume: str | Path | None = None,
     stop_after: int | None = None,
+    allow_world_change: bool = False,
     **options,
 ) -> TrainResult:
     """Train a classifier and return where the run went and how it scored.
@@ -51,12 +52,20 @@ def train(
     ``data_source``: folder, CSV or built-in name (default: digits). ``config``: YAML path, dict or
     ``Config``. ``options``: section-free shortcuts ``model``, ``epochs``, ``batch_size``, ``lr``,
     ``seed``, ``name``, ... applied after the config; ``overrides``: dotted ``key=value`` strings
-    applied last. ``resume``: a run folder to continue exactly where its checkpoint stopped.
+    applied last. ``resume``: a run folder to continue exactly where its checkpoint stopped
+    (``allow_world_change``: even with another number of processes than it was started with).
+
+    Started by torchrun, every process calls this and they train as one data-parallel run.
     """
     if resume is not None:
-        return _resume(Path(resume), stop_after)
+        distributed.init()
+        return _resume(Path(resume), stop_after, allow_world_change)
     cfg = resolve_config(data_source, config, overrides, **options)
     _check_batch_size(cfg.data.batch_size)
+    dd = distributed.init(cfg.runtime.device)
+    restarted = _torchrun_restart(cfg)
+    if restarted is not None:
+        return _resume(restarted, stop_after, allow_world_change)
     runtime.seed_everything(cfg.train.seed)
     splits = data.build(cfg.data, seed=cfg.train.seed)
     model = _build_model(cfg, splits)
@@ -64,10 +73,9 @@ def train(
     if cfg.data.batch_size == "auto":
         rt = runtime.resolve(cfg.runtime, cfg.train.deterministic)
         shape = (splits.in_chans, *splits.input_size)
-        cfg.data.batch_size = auto_batch_size(
-            model, rt, shape, len(splits.classes), len(splits.train)
-        )
-    run_dir = _new_run_dir(cfg, splits.name)
+        size = auto_batch_size(model, rt, shape, len(splits.classes), len(splits.train))
+        cfg.data.batch_size = distributed.broadcast(size)  # every process steps alike
+    run_dir = _shared_run_dir(cfg, splits.name, dd)
     return _fit_in(
         run_dir, model, splits, cfg, resume_state=None, stop_after=stop_after, created=True
     )
@@ -83,6 +91,8 @@ SHORTCUTS = {  # option name -> config key, for train(...) keywords and CLI flag
     "optimizer": "optim.name",
     "scheduler": "optim.scheduler",
     "input_size": "data.input_size",
+    "val": "data.val",
+    "test": "data.test",
     "device": "runtime.device",
     "precision": "runtime.precision",
     "pretrained": "model.pretrained",
@@ -129,7 +139,38 @@ def _check_batch_size(value) -> None:
     raise CnnkitError(f"data.batch_size must be a positive integer or 'auto', got {value!r}")
 
 
-def _resume(run_dir: Path, stop_after: int | None) -> TrainResult:
+def _shared_run_dir(cfg: Config, data_name: str, dd) -> Path:
+    """Rank 0 makes the run folder and tells the others (and a torchrun restart) its name."""
+    made: tuple[str | None, str | None] = (None, None)
+    if dd.main:
+        try:
+            made = (str(_new_run_dir(cfg, data_name)), None)
+        except CnnkitError as e:
+            made = (None, str(e))
+    path, error = distributed.broadcast(made)
+    if error is not None:
+        raise CnnkitError(error)
+    marker = distributed.restart_marker(cfg.train.out_dir)
+    if marker is not None and dd.main:
+        atomic_write_bytes(marker, path.encode())
+    return Path(path)
+
+
+def _torchrun_restart(cfg: Config) -> Path | None:
+    """Under ``torchrun --max-restarts``: the run folder of this group's previous attempt when it
+    holds a checkpoint to continue from."""
+    marker = distributed.restart_marker(cfg.train.out_dir)
+    if marker is None or distributed.restart_count() == 0 or not marker.is_file():
+        return None
+    run_dir = Path(marker.read_text().strip())
+    if not (run_dir / CHECKPOINT).is_file():
+        return None
+    if distributed.current().main:
+        print(f"torchrun restart {distributed.restart_count()}: continuing {run_dir}")
+    return run_dir
+
+
+def _resume(run_dir: Path, stop_after: int | None, allow_world_change: bool = False) -> TrainResult:
     if not run_dir.is_dir():
         raise CnnkitError(f"--resume: run folder not found: {run_dir}")
     if not (run_dir / CHECKPOINT).is_file():
@@ -141,14 +182,31 @@ def _resume(run_dir: Path, stop_after: int | None) -> TrainResult:
     splits = data.build(cfg.data, seed=cfg.train.seed)
     model = _build_model(cfg, splits, load_weights=False)
     return _fit_in(
-        run_dir, model, splits, cfg, resume_state=state, stop_after=stop_after, created=False
+        run_dir,
+        model,
+        splits,
+        cfg,
+        resume_state=state,
+        stop_after=stop_after,
+        created=False,
+        allow_world_change=allow_world_change,
     )
 
 
 def _fit_in(
-    run_dir: Path, model: nn.Module, splits, cfg: Config, *, resume_state, stop_after, created: bool
+    run_dir: Path,
+    model: nn.Module,
+    splits,
+    cfg: Config,
+    *,
+    resume_state,
+    stop_after,
+    created: bool,
+    allow_world_change: bool = False,
 ) -> TrainResult:
-    atomic_write_bytes(run_dir / "config.yaml", cfg.to_yaml().encode())
+    main = distributed.current().main
+    if main:
+        atomic_write_bytes(run_dir / "config.yaml", cfg.to_yaml().encode())
     try:
         result = fit(
             model,
@@ -158,14 +216,16 @@ def _fit_in(
             model_meta(cfg, splits),
             resume=resume_state,
             stop_after=stop_after,
+            allow_world_change=allow_world_change,
         )
     except (CnnkitError, KeyboardInterrupt) as e:
-        if created and not (run_dir / CHECKPOINT).exists():
+        if created and main and not (run_dir / CHECKPOINT).exists():
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing worth keeping was made yet
         elif isinstance(e, KeyboardInterrupt):
             print(f"\ninterrupted; continue with: cnnkit train --resume {run_dir}")
         raise
-    test, split_name = _final_eval(run_dir, splits, cfg)
+    test, split_name = _final_eval(run_dir, splits, cfg) if main else (None, None)
+    distributed.barrier()
     return TrainResult(run_dir=run_dir, fit=result, test=test, test_split=split_name)
 
 

@@ -97,6 +97,7 @@ class RuntimeConfig:
     channels_last: str = "auto"  # auto | on | off
     threads: int | None = None  # torch intra-op threads; None: the cores this process may use
     compile: str = "auto"  # torch.compile the training model: auto (CUDA runs) | on | off
+    sync_bn: bool = False  # distributed CUDA runs: batch-norm statistics over all processes
 
 
 @dataclass

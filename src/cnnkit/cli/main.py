@@ -14,6 +14,7 @@ import typer
 from cnnkit.cli import eval as eval_cmd
 from cnnkit.cli import models as models_cmd
 from cnnkit.cli import predict as predict_cmd
+from cnnkit.cli import shard as shard_cmd
 from cnnkit.cli import train as train_cmd
 
 app = typer.Typer(
@@ -28,6 +29,7 @@ app.command("train")(train_cmd.train)
 app.command("eval")(eval_cmd.eval_)
 app.command("predict")(predict_cmd.predict)
 app.command("models")(models_cmd.models)
+app.command("shard")(shard_cmd.shard)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +57,7 @@ def _typer_errors() -> tuple[tuple, tuple, tuple]:
 
 
 EXIT_ERRORS, USAGE_ERRORS, ABORT_ERRORS = _typer_errors()
+CURRENT_ARGV: list[str] = []  # the arguments of the running command (for --nproc relaunches)
 
 
 def run(argv: list[str]) -> int:
@@ -63,6 +66,7 @@ def run(argv: list[str]) -> int:
     debug = "--debug" in argv
     if argv[:1] == ["--debug"]:  # also accepted before the verb
         argv = argv[1:]
+    CURRENT_ARGV[:] = argv
     try:
         app(args=argv, prog_name="cnnkit", standalone_mode=False)
     except EXIT_ERRORS as e:

@@ -41,6 +41,13 @@ def train(
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     name: Annotated[str | None, typer.Option(help="Run folder name under runs/.")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML config file.")] = None,
+    val: Annotated[
+        str | None,
+        typer.Option(
+            help="Validation data: folder, CSV or tar shards (default: carved from train)."
+        ),
+    ] = None,
+    test: Annotated[str | None, typer.Option(help="Test data: folder, CSV or tar shards.")] = None,
     resume: Annotated[
         Path | None,
         typer.Option(help="Continue the run in this folder exactly where its checkpoint stopped."),
@@ -62,12 +69,24 @@ def train(
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
     precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16.")] = None,
     num_workers: Annotated[int | None, typer.Option(help="DataLoader worker processes.")] = None,
+    nproc: Annotated[
+        int | None,
+        typer.Option(help="Train with this many processes on this machine (starts torchrun)."),
+    ] = None,
+    allow_world_change: Annotated[
+        bool,
+        typer.Option(help="With --resume: continue with another number of processes."),
+    ] = False,
     quiet: Annotated[bool, typer.Option(help="Plain log lines instead of a progress bar.")] = False,
     debug: Annotated[bool, DEBUG] = False,
 ) -> None:
     """Train a classifier; everything it writes goes to runs/<name>/."""
     from cnnkit.api import train as api_train
+    from cnnkit.engine import distributed
 
+    if nproc is not None:
+        _launch(nproc)
+        return
     data, overrides = _split_positionals(data, overrides or [])
     if resume is not None:
         options = dict(data=data, model=model, epochs=epochs, config=config, batch_size=batch_size)
@@ -77,7 +96,7 @@ def train(
                 f"--resume continues the run with its saved config; drop {', '.join(given)}",
                 param_hint="--resume",
             )
-        result = api_train(resume=resume)
+        result = api_train(resume=resume, allow_world_change=allow_world_change)
     else:
         result = api_train(
             data,
@@ -86,6 +105,8 @@ def train(
             model=model,
             epochs=epochs,
             batch_size=_batch_size(batch_size),
+            val=val,
+            test=test,
             lr=lr,
             seed=seed,
             name=name,
@@ -98,7 +119,50 @@ def train(
             num_workers=num_workers,
             progress="plain" if quiet else None,
         )
-    _summary(result)
+    if distributed.current().main:
+        _summary(result)
+    distributed.cleanup()
+
+
+def _launch(nproc: int) -> None:
+    """``--nproc N``: run this same command under torchrun with N processes on this machine."""
+    import os
+    import subprocess
+    import sys
+
+    from cnnkit.cli import main as cli_main
+    from cnnkit.errors import CnnkitError
+
+    if nproc < 1:
+        raise CnnkitError(f"--nproc must be >= 1, got {nproc}")
+    if "WORLD_SIZE" in os.environ:
+        raise CnnkitError("--nproc starts torchrun itself; drop it when already under torchrun")
+    argv = _without_option(cli_main.CURRENT_ARGV, "--nproc")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "cnnkit",
+        *argv,
+    ]
+    code = subprocess.call(command)
+    if code:
+        raise typer.Exit(code)
+
+
+def _without_option(argv: list[str], name: str) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(f"{name}="):
+            out.append(arg)
+    return out
 
 
 def _batch_size(value: str | None) -> int | str | None:

@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from cnnkit.errors import CnnkitError
 
@@ -121,6 +121,21 @@ class EpochLoader(DataLoader):
             yield batch
 
 
+class StreamLoader(EpochLoader):
+    """Loader over a streamed (iterable) dataset: ``set_epoch`` reaches the dataset, and the
+    length is exact. Workers are started anew each epoch (not persistent) so they see the epoch;
+    each worker batches its own share of the rank's samples."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        shares = self.dataset.worker_shares(max(self.num_workers, 1))
+        if self.drop_last:
+            return sum(n // self.batch_size for n in shares)
+        return sum(-(-n // self.batch_size) for n in shares)
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
@@ -142,6 +157,15 @@ def make_loader(
     if batch_size < 1:
         raise CnnkitError(f"data.batch_size must be >= 1, got {batch_size}")
     workers = auto_workers(dataset) if num_workers is None else num_workers
+    if isinstance(dataset, IterableDataset):  # streamed shards: the dataset orders itself
+        dataset.set_rank(rank, world_size)
+        return StreamLoader(
+            dataset,
+            batch_size=batch_size,
+            drop_last=train if drop_last is None else drop_last,
+            num_workers=workers,
+            pin_memory=pin_memory and torch.cuda.is_available(),
+        )
     if drop_last is None:
         drop_last = train and len(dataset) > batch_size * world_size
     sampler = EpochSampler(len(dataset), shuffle=train, seed=seed, rank=rank, world_size=world_size)

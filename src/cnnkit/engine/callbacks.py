@@ -94,13 +94,17 @@ class BestTracker:
 class MetricsLog:
     """``metrics.csv`` (one row per epoch, rewritten atomically) and optional TensorBoard."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = False):
+    def __init__(self, run_dir: Path, tensorboard: bool = False, write: bool = True):
         self.path = run_dir / "metrics.csv"
         self.rows: list[dict] = []
-        self.writer = _tensorboard_writer(run_dir / "tensorboard") if tensorboard else None
+        self.write = write  # False in distributed ranks other than 0: rows kept, no files
+        use_tb = tensorboard and write
+        self.writer = _tensorboard_writer(run_dir / "tensorboard") if use_tb else None
 
     def append(self, row: dict) -> None:
         self.rows.append(row)
+        if not self.write:
+            return
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=list(row))
         writer.writeheader()
@@ -195,6 +199,25 @@ class Progress:
         if self._live is not None:
             self._live.stop()
             self._live = None
+
+
+class SilentProgress(Progress):
+    """Progress of distributed ranks other than 0: prints nothing."""
+
+    def __init__(self, epochs: int) -> None:
+        super().__init__("plain", epochs)
+
+    def start_epoch(self, epoch: int, steps: int) -> None:
+        pass
+
+    def step(self, step: int, running: dict) -> None:
+        pass
+
+    def end_epoch(self, row: dict) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
 
 
 def format_row(row: dict, epochs: int) -> str:

@@ -7,6 +7,7 @@ keep the best weights in ``model.safetensors``, log a row to ``metrics.csv``, th
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +17,8 @@ from torch import nn
 from cnnkit.config import Config
 from cnnkit.data.memory import run_loader
 from cnnkit.data.transforms import batch_mix
-from cnnkit.engine import runtime
-from cnnkit.engine.callbacks import BestTracker, Ema, MetricsLog, Progress
+from cnnkit.engine import distributed, runtime
+from cnnkit.engine.callbacks import BestTracker, Ema, MetricsLog, Progress, SilentProgress
 from cnnkit.engine.checkpoint import save_checkpoint, save_model_file
 from cnnkit.engine.loop import StepTools, evaluate, train_one_epoch
 from cnnkit.engine.optim import EPOCH_SCHEDULERS, create_optimizer, create_scheduler
@@ -35,6 +36,7 @@ class FitResult:
     best_epoch: int  # 1-based; 0 when no epoch ran
     epochs_done: int
     stopped_early: bool
+    model: nn.Module | None = None  # the trained module with its last weights (not the best)
 
 
 def fit(
@@ -46,24 +48,30 @@ def fit(
     *,
     resume: dict | None = None,
     stop_after: int | None = None,
+    allow_world_change: bool = False,
 ) -> FitResult:
     """Train ``model`` on ``splits`` as ``cfg`` says, writing everything into ``run_dir``.
 
     ``model_meta`` is stored in the model file (architecture, classes, preprocessing).
     ``resume`` is a checkpoint dict to continue from; ``stop_after`` ends this call after that
-    many epochs (the run can be resumed later), for time-boxed jobs.
+    many epochs (the run can be resumed later), for time-boxed jobs. In a distributed run
+    (see ``cnnkit.engine.distributed``) every process calls this; only rank 0 writes.
     """
     tc = cfg.train
     _check_monitor(cfg, has_val=splits.val is not None)
+    dd = distributed.current()
     rt = runtime.resolve(cfg.runtime, tc.deterministic)
+    if dd.enabled and rt.device.type == "cuda":
+        rt = dataclasses.replace(rt, device=torch.device("cuda", dd.local_rank))
     model = model.to(rt.device, memory_format=rt.memory_format)
     num_classes = len(splits.classes)
-    progress = Progress(tc.progress, tc.epochs)
-    train_loader = _loader(splits, splits.train, cfg, rt, progress.message)
+    progress = Progress(tc.progress, tc.epochs) if dd.main else SilentProgress(tc.epochs)
+    train_loader = _loader(splits, splits.train, cfg, rt, progress.message, dd)
     has_val = splits.val is not None
-    val_loader = _loader(splits, splits.val, cfg, rt, progress.message) if has_val else None
+    val_loader = _loader(splits, splits.val, cfg, rt, progress.message, dd) if has_val else None
 
-    optimizer = create_optimizer(model, cfg.optim, cfg.data.batch_size)
+    # the default lr follows the global batch: batch_size per process x processes
+    optimizer = create_optimizer(model, cfg.optim, cfg.data.batch_size * dd.world_size)
     scheduler = create_scheduler(optimizer, cfg.optim, tc.epochs, len(train_loader))
     per_step = cfg.optim.scheduler not in EPOCH_SCHEDULERS
     tools = StepTools(
@@ -76,24 +84,29 @@ def fit(
         ema=Ema(model, tc.ema_decay) if tc.ema else None,
         note=progress.message,
     )
-    # the compiled wrapper shares the parameters; state dicts are always taken from ``model``
-    train_model = torch.compile(model) if rt.compile else model
+    # DDP and compiled wrappers share the parameters; state dicts are always taken from ``model``
+    train_model = distributed.wrap(model, rt.device, cfg.runtime.sync_bn)
+    train_model = torch.compile(train_model) if rt.compile else train_model
     tracker = BestTracker(tc.monitor, tc.patience)
-    log = MetricsLog(run_dir, tc.tensorboard)
+    log = MetricsLog(run_dir, tc.tensorboard, write=dd.main)
+    if resume:
+        _check_world_size(resume, dd.world_size, allow_world_change)
     start = _restore(resume, model, tools, scheduler, tracker, log) if resume else 0
     progress.message(
         f"training {model_meta['arch']} on {splits.name}: "
         f"{len(splits.train)} train / {len(splits.val) if splits.val else 0} val "
         f"images, {num_classes} classes, {rt.describe()}, epochs {start + 1}..{tc.epochs}"
+        + (f", {dd.world_size} processes" if dd.enabled else "")
     )
 
     try:
         for epoch in range(start, tc.epochs):
             _set_frozen(model, frozen=epoch < tc.freeze_epochs)
             torch.manual_seed(runtime.epoch_seed(tc.seed, epoch))  # dropout, MixUp draws
-            train_loader.sampler.set_epoch(epoch)
+            train_loader.set_epoch(epoch)
             lr = optimizer.param_groups[0]["lr"]
             progress.start_epoch(epoch, len(train_loader))
+            tools.after_step = distributed.fault_hook(epoch)
             train = train_one_epoch(train_model, train_loader, tools, rt, progress.step)
             if rt.compile and epoch == start:
                 progress.message(f"compile warm-up: {train['first_step']:.1f} s (first step)")
@@ -102,13 +115,15 @@ def fit(
             row = _row(epoch, train, val, lr)
             if not per_step:
                 scheduler.step(tracker.score(row))
-            if val is None or tracker.update(row, epoch + 1):
+            improved = val is None or tracker.update(row, epoch + 1)
+            if improved and dd.main:
                 save_model_file(run_dir / "model.safetensors", eval_model.state_dict(), model_meta)
             log.append(row)
             progress.end_epoch(row)
-            save_checkpoint(
-                run_dir / CHECKPOINT, _state(epoch + 1, model, tools, scheduler, tracker, log, cfg)
-            )
+            if dd.main:
+                state = _state(epoch + 1, model, tools, scheduler, tracker, log, cfg)
+                save_checkpoint(run_dir / CHECKPOINT, {**state, "world_size": dd.world_size})
+            distributed.barrier()  # nobody runs ahead of (or reads) a checkpoint being written
             if tracker.should_stop:
                 progress.message(
                     f"early stop: {tc.monitor} has not improved for "
@@ -128,11 +143,13 @@ def fit(
         best_epoch=max(tracker.best_epoch, 0) if val_loader else len(log.rows),
         epochs_done=len(log.rows),
         stopped_early=tracker.should_stop,
+        model=model,
     )
 
 
-def _loader(splits, dataset, cfg: Config, rt: runtime.Runtime, note):
-    """In-memory batches augmented on the device when the split fits, else a DataLoader."""
+def _loader(splits, dataset, cfg: Config, rt: runtime.Runtime, note, dd):
+    """In-memory batches augmented on the device when the split fits, else a DataLoader.
+    Distributed: each process trains on its share; validation reads the whole split."""
     train = dataset is splits.train
     return run_loader(
         dataset,
@@ -145,7 +162,19 @@ def _loader(splits, dataset, cfg: Config, rt: runtime.Runtime, note):
         device=rt.device,
         memory_format=rt.memory_format,
         note=note,
+        rank=dd.rank if train else 0,
+        world_size=dd.world_size if train else 1,
     )
+
+
+def _check_world_size(state: dict, world_size: int, allowed: bool) -> None:
+    saved = state.get("world_size", 1)
+    if saved != world_size and not allowed:
+        raise CnnkitError(
+            f"this run was trained with {saved} process(es) and is resumed with {world_size}; "
+            "each process's share of the data would change, so it would not continue exactly. "
+            f"Resume with {saved} process(es), or pass --allow-world-change"
+        )
 
 
 def _check_monitor(cfg: Config, has_val: bool) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cnnkit.engine import distributed
 from cnnkit.engine.runtime import Runtime
 from cnnkit.errors import CnnkitError
 
@@ -35,6 +36,7 @@ class StepTools:
     mix: Callable | None = None  # (images, labels) -> (images, soft labels): MixUp/CutMix
     ema: object | None = None  # has .update(model)
     accum: int = 1  # micro-batches per step; doubled when a step runs out of GPU memory
+    after_step: Callable[[int], None] | None = None  # called with the step index after each step
     note: Callable[[str], None] = print
 
 
@@ -57,6 +59,8 @@ def train_one_epoch(
         loss_sum += loss.detach() * labels.shape[0]
         correct += (logits.detach().argmax(1) == labels).sum()
         seen += labels.shape[0]
+        if tools.after_step is not None:
+            tools.after_step(step)
         now = time.perf_counter()
         if first_step is None:
             first_step = now - start  # includes compilation when the model is compiled
@@ -72,11 +76,14 @@ def train_one_epoch(
                 },
             )
     seconds = time.perf_counter() - start
+    # sums over all processes of a distributed run (one message per epoch)
+    totals = torch.stack([loss_sum.double(), correct.double(), loss_sum.new_tensor(seen).double()])
+    loss_total, correct_total, seen = distributed.sum_(totals).tolist()
     seen = max(seen, 1)
     return {
-        "loss": loss_sum.item() / seen,
-        "acc": correct.item() / seen,
-        "images": seen,
+        "loss": loss_total / seen,
+        "acc": correct_total / seen,
+        "images": int(seen),
         "seconds": seconds,
         "first_step": first_step or 0.0,
     }
