@@ -11,6 +11,7 @@ import sys
 import click
 import typer
 
+from cnnkit.cli import doctor as doctor_cmd
 from cnnkit.cli import eval as eval_cmd
 from cnnkit.cli import models as models_cmd
 from cnnkit.cli import predict as predict_cmd
@@ -28,6 +29,7 @@ app.command("train")(train_cmd.train)
 app.command("eval")(eval_cmd.eval_)
 app.command("predict")(predict_cmd.predict)
 app.command("models")(models_cmd.models)
+app.command("doctor")(doctor_cmd.doctor)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,15 +46,15 @@ def run(argv: list[str]) -> int:
 
     debug = "--debug" in argv
     try:
-        app(args=argv, prog_name="cnnkit", standalone_mode=False)
+        code = app(args=argv, prog_name="cnnkit", standalone_mode=False)
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.ClickException as e:
         e.show()
         return 2
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, click.exceptions.Abort) as e:
         print("\ninterrupted", file=sys.stderr)
-        return 130
+        return getattr(e, "exit_code", 130)  # 128 + signal after a clean stop on SIGTERM
     except CnnkitError as e:
         if debug:
             raise
@@ -67,7 +69,7 @@ def run(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 1
-    return 0
+    return code if isinstance(code, int) else 0  # typer.Exit(n) comes back as n
 
 
 def one_line(error: BaseException) -> str:

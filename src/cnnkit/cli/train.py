@@ -59,6 +59,19 @@ def train(
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
     precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16.")] = None,
     num_workers: Annotated[int | None, typer.Option(help="DataLoader worker processes.")] = None,
+    skip_bad: Annotated[
+        bool, typer.Option(help="Leave out image files that cannot be decoded (listed in the run).")
+    ] = False,
+    balance: Annotated[
+        str | None,
+        typer.Option(help="sampler, loss, none or auto (sampler when classes are imbalanced)."),
+    ] = None,
+    nan_policy: Annotated[
+        str | None, typer.Option(help="stop (default) or skip steps whose loss is NaN/inf.")
+    ] = None,
+    resume_changed: Annotated[
+        bool, typer.Option(help="Resume even when overrides or the data changed since.")
+    ] = False,
     quiet: Annotated[bool, typer.Option(help="Plain log lines instead of a progress bar.")] = False,
     debug: Annotated[bool, DEBUG] = False,
 ) -> None:
@@ -67,14 +80,19 @@ def train(
 
     data, overrides = _split_positionals(data, overrides or [])
     if resume is not None:
-        options = dict(data=data, model=model, epochs=epochs, config=config, batch_size=batch_size)
-        given = [k for k, v in options.items() if v is not None] + overrides
+        options = dict(data=data, model=model, config=config, batch_size=batch_size)
+        given = [k for k, v in options.items() if v is not None]
         if given:
             raise typer.BadParameter(
-                f"--resume continues the run with its saved config; drop {', '.join(given)}",
+                f"--resume continues the run with its saved config; drop {', '.join(given)} "
+                "(section.key=value overrides and --epochs are allowed)",
                 param_hint="--resume",
             )
-        result = api_train(resume=resume)
+        extra = [f"train.epochs={epochs}"] if epochs is not None else []
+        extra += [f"train.nan_policy={nan_policy}"] if nan_policy else []
+        result = api_train(
+            resume=resume, overrides=extra + overrides, resume_changed=resume_changed
+        )
     else:
         result = api_train(
             data,
@@ -94,6 +112,9 @@ def train(
             precision=precision,
             num_workers=num_workers,
             progress="plain" if quiet else None,
+            skip_bad=skip_bad or None,
+            balance=balance,
+            nan_policy=nan_policy,
         )
     _summary(result)
 

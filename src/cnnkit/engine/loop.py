@@ -2,6 +2,12 @@
 
 Metrics are summed on the device and read once at the end (a ``.item()`` per step would force a
 host sync per step on a GPU); the progress display reads them only every ``REFRESH_STEPS`` steps.
+
+Two checks run at step boundaries. A non-finite loss is caught after backward and before the
+optimizer step (one host read of a scalar per step: it waits for backward to finish, which costs
+only the launch latency of the optimizer step, while checking before backward would stall the
+whole backward launch): ``StepTools.nan_policy`` "stop" raises ``NonFiniteLoss``, "skip" drops the
+update and counts it. ``StepTools.stop`` (a signal flag) raises ``Stopped`` after a completed step.
 """
 
 from __future__ import annotations
@@ -29,6 +35,26 @@ class StepTools:
     grad_clip: float | None = None
     mix: Callable | None = None  # (images, labels) -> (images, soft labels): MixUp/CutMix
     ema: object | None = None  # has .update(model)
+    nan_policy: str = "stop"  # stop | skip: what a non-finite loss does
+    nan_limit: int = 10  # skip: raise NonFiniteLoss once more steps than this were skipped
+    skipped: int = 0  # steps skipped for a non-finite loss so far in the run
+    stop: Callable[[], bool] | None = None  # True: end the epoch after the current step
+
+
+class NonFiniteLoss(Exception):
+    """The loss of step ``step`` (0-based in this pass) was NaN/inf; no update was applied."""
+
+    def __init__(self, step: int, value: float, skipped: int):
+        super().__init__(f"non-finite loss {value} at step {step}")
+        self.step, self.value, self.skipped = step, value, skipped
+
+
+class Stopped(Exception):
+    """``StepTools.stop`` asked to stop; ``steps`` steps were applied, ``totals`` sums them."""
+
+    def __init__(self, steps: int, totals: dict):
+        super().__init__(f"stopped after step {steps}")
+        self.steps, self.totals = steps, totals
 
 
 def train_one_epoch(
@@ -43,12 +69,19 @@ def train_one_epoch(
     loss_sum = torch.zeros((), device=rt.device)
     correct = torch.zeros((), device=rt.device, dtype=torch.long)
     seen, start = 0, time.perf_counter()
+    skipped = torch.zeros((), device=rt.device)  # steps the grad scaler skipped (overflow)
+    nan_skipped_before = tools.skipped
     for step, (images, labels) in enumerate(loader):
         images, labels = rt.to_device(images), labels.to(rt.device, non_blocking=True)
-        loss, logits = _train_step(model, images, labels, tools, rt)
-        loss_sum += loss.detach() * labels.shape[0]
-        correct += (logits.detach().argmax(1) == labels).sum()
-        seen += labels.shape[0]
+        loss, logits, scaler_skip = _train_step(model, images, labels, tools, rt, step)
+        if loss is not None:
+            loss_sum += loss.detach() * labels.shape[0]
+            correct += (logits.detach().argmax(1) == labels).sum()
+            seen += labels.shape[0]
+            skipped += scaler_skip
+        if tools.stop is not None and tools.stop():
+            totals = {"loss_sum": loss_sum.item(), "correct": correct.item(), "seen": seen}
+            raise Stopped(step + 1, totals)
         if progress is not None and (step + 1) % REFRESH_STEPS == 0:
             progress(
                 step + 1,
@@ -66,10 +99,12 @@ def train_one_epoch(
         "acc": correct.item() / seen,
         "images": seen,
         "seconds": seconds,
+        "skipped_steps": int(skipped.item()) + tools.skipped - nan_skipped_before,
     }
 
 
-def _train_step(model, images, labels, tools: StepTools, rt: Runtime):
+def _train_step(model, images, labels, tools: StepTools, rt: Runtime, step: int):
+    """One update; (loss, logits, scaler-skipped 0/1 tensor), or Nones when it was skipped."""
     targets = labels
     if tools.mix is not None:
         images, targets = tools.mix(images, labels)
@@ -77,21 +112,39 @@ def _train_step(model, images, labels, tools: StepTools, rt: Runtime):
         logits = model(images)  # (B, num_classes)
         loss = tools.loss_fn(logits.float(), targets)
     tools.optimizer.zero_grad(set_to_none=True)
+    scaler_skip = 0
     if tools.scaler is not None:
         tools.scaler.scale(loss).backward()
+        if _non_finite(loss, tools, step):
+            return None, None, 0
         tools.scaler.unscale_(tools.optimizer)
         _clip(model, tools.grad_clip)
+        # found_inf has no public per-step accessor; summing it stays on the device (no sync)
+        scaler_skip = sum(tools.scaler._found_inf_per_device(tools.optimizer).values())
         tools.scaler.step(tools.optimizer)
         tools.scaler.update()
     else:
         loss.backward()
+        if _non_finite(loss, tools, step):
+            return None, None, 0
         _clip(model, tools.grad_clip)
         tools.optimizer.step()
     if tools.scheduler is not None:
         tools.scheduler.step()
     if tools.ema is not None:
         tools.ema.update(model)
-    return loss, logits
+    return loss, logits, scaler_skip
+
+
+def _non_finite(loss: torch.Tensor, tools: StepTools, step: int) -> bool:
+    """True when this step must be skipped; raises NonFiniteLoss when it must stop the run."""
+    if bool(loss.detach().isfinite()):  # the one per-step host sync (see the module docstring)
+        return False
+    tools.optimizer.zero_grad(set_to_none=True)
+    if tools.nan_policy == "skip" and tools.skipped < tools.nan_limit:
+        tools.skipped += 1
+        return True
+    raise NonFiniteLoss(step, loss.item(), tools.skipped)
 
 
 def _clip(model: nn.Module, max_norm: float | None) -> None:
