@@ -294,6 +294,7 @@ def _row(epoch: int, train: dict, val: dict | None, lr: float) -> dict:
         "lr": lr,
         "epoch_time": train["seconds"],
         "images_per_s": train["images"] / max(train["seconds"], 1e-9),
+        "skipped_steps": train.get("skipped_steps", 0),
     }
 
 

@@ -108,15 +108,19 @@ def _train_step(model, images, labels, tools: StepTools, rt: Runtime, step: int)
     targets = labels
     if tools.mix is not None:
         images, targets = tools.mix(images, labels)
+    # a NaN batch poisons batch-norm statistics in the forward pass; "skip" must undo that
+    buffers = [b.clone() for b in model.buffers()] if tools.nan_policy == "skip" else None
     with rt.autocast():
         logits = model(images)  # (B, num_classes)
         loss = tools.loss_fn(logits.float(), targets)
     tools.optimizer.zero_grad(set_to_none=True)
+    (tools.scaler.scale(loss) if tools.scaler is not None else loss).backward()
+    if _non_finite(loss, tools, step):
+        for saved, buffer in zip(buffers, model.buffers(), strict=True):
+            buffer.copy_(saved)
+        return None, None, 0
     scaler_skip = 0
     if tools.scaler is not None:
-        tools.scaler.scale(loss).backward()
-        if _non_finite(loss, tools, step):
-            return None, None, 0
         tools.scaler.unscale_(tools.optimizer)
         _clip(model, tools.grad_clip)
         # found_inf has no public per-step accessor; summing it stays on the device (no sync)
@@ -124,9 +128,6 @@ def _train_step(model, images, labels, tools: StepTools, rt: Runtime, step: int)
         tools.scaler.step(tools.optimizer)
         tools.scaler.update()
     else:
-        loss.backward()
-        if _non_finite(loss, tools, step):
-            return None, None, 0
         _clip(model, tools.grad_clip)
         tools.optimizer.step()
     if tools.scheduler is not None:
