@@ -15,6 +15,7 @@ import cnnkit
 from cnnkit.cli.main import run
 from cnnkit.data.doctor import scan
 from cnnkit.data.images import ImageFileError, decode
+from cnnkit.data.loader import EpochSampler
 from conftest import write_image
 
 BAD = {"zero.jpg": "empty", "trunc.jpg": "unreadable", "text.png": "not_image", "bomb.png": "bomb"}
@@ -156,3 +157,30 @@ def test_training_stops_on_bad_files_unless_skip_bad(tmp_path, sick, capsys):
     listed = (result.run_dir / "skipped_files.tsv").read_text().splitlines()
     assert sorted(Path(line.split("\t")[0]).name for line in listed) == sorted(BAD)
     assert result.fit.epochs_done == 1
+
+
+def _imbalanced(root: Path) -> Path:
+    for c, (name, color, count) in enumerate(
+        [("red", (220, 40, 40), 30), ("blue", (40, 60, 220), 6)]
+    ):
+        for i in range(count):
+            write_image(root / name / f"{i}.png", color, (16, 16), seed=c * 100 + i)
+    return root
+
+
+def test_imbalance_is_reported_balanced_and_measured(tmp_path):
+    root = _imbalanced(tmp_path / "skewed")
+    report = scan(root)
+    assert report.imbalance["train"] == 5.0 and report.balance == "sampler" and report.ok
+    sampler = EpochSampler(36, shuffle=True, seed=0, weights=[1 / 30] * 30 + [1 / 6] * 6)
+    drawn = []
+    for epoch in range(20):
+        sampler.set_epoch(epoch)
+        drawn += [i for i, _ in sampler]
+    assert 0.4 < sum(i >= 30 for i in drawn) / len(drawn) < 0.6  # blue drawn half the time
+    for balance in ("auto", "loss"):
+        result = cnnkit.train(
+            str(root), epochs=1, out_dir=str(tmp_path / balance), num_workers=0, balance=balance
+        )
+        header = (result.run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
+        assert {"val_balanced_acc", "val_recall_red", "val_recall_blue"} <= set(header)
