@@ -234,3 +234,12 @@ def test_nan_policy_skip_counts_and_finishes(tmp_path):
     assert result.history[-1]["skipped_steps"] == 1
     state = load_checkpoint(run_dir / "checkpoints/last.pt")
     assert state["nan_skipped"] == 1 and all(v.isfinite().all() for v in state["model"].values())
+
+
+def test_resume_refuses_changed_data_unless_told(tmp_path):
+    root = make_folder(tmp_path / "img", per_class=6)
+    part = cnnkit.train(str(root), epochs=2, stop_after=1, num_workers=0, out_dir=str(tmp_path))
+    (root / "red" / "0.jpg").write_bytes((root / "red" / "2.jpg").read_bytes())  # edited file
+    with pytest.raises(CnnkitError, match="data files .*--resume-changed"):
+        cnnkit.train(resume=part.run_dir)
+    assert cnnkit.train(resume=part.run_dir, resume_changed=True).fit.epochs_done == 2

@@ -13,6 +13,7 @@ was raised in a worker process (torch would otherwise prefix the worker's traceb
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -168,7 +169,14 @@ def make_loader(
         pin_memory=pin_memory and torch.cuda.is_available(),
         # own generator: creating an iterator would otherwise draw from the global RNG
         generator=torch.Generator().manual_seed(mix_seed(seed, -1)),
+        worker_init_fn=_ignore_sigint,
     )
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """Ctrl-C reaches every process of the terminal's group; workers leave it to the main
+    process, which stops training cleanly at the next step (a dead worker would crash it)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def auto_workers(dataset: Dataset) -> int:
