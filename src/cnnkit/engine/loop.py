@@ -72,6 +72,10 @@ def train_one_epoch(
     skipped = torch.zeros((), device=rt.device)  # steps the grad scaler skipped (overflow)
     nan_skipped_before = tools.skipped
     for step, (images, labels) in enumerate(loader):
+        # checked before a step, not after, so a stop during the last step ends the epoch normally
+        if step and tools.stop is not None and tools.stop():
+            totals = {"loss_sum": loss_sum.item(), "correct": correct.item(), "seen": seen}
+            raise Stopped(step, totals)
         images, labels = rt.to_device(images), labels.to(rt.device, non_blocking=True)
         loss, logits, scaler_skip = _train_step(model, images, labels, tools, rt, step)
         if loss is not None:
@@ -79,9 +83,6 @@ def train_one_epoch(
             correct += (logits.detach().argmax(1) == labels).sum()
             seen += labels.shape[0]
             skipped += scaler_skip
-        if tools.stop is not None and tools.stop():
-            totals = {"loss_sum": loss_sum.item(), "correct": correct.item(), "seen": seen}
-            raise Stopped(step + 1, totals)
         if progress is not None and (step + 1) % REFRESH_STEPS == 0:
             progress(
                 step + 1,
