@@ -88,11 +88,15 @@ class Report:
 
 def inspect_file(path: str) -> dict:
     """Decode one file fully: {size, sha (content hash), phash, facts} or {size, error, kind}."""
-    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            content = f.read()
+    except OSError as e:  # vanished or unreadable since the folder was listed
+        return {"size": 0, "kind": "unreadable", "error": f"cannot read {path}: {e.strerror}"}
+    size = len(content)
     if size == 0:
         return {"size": 0, "kind": "empty", "error": f"{path} is empty (0 bytes)"}
-    with open(path, "rb") as f:
-        sha = hashlib.blake2b(f.read(), digest_size=16).hexdigest()
+    sha = hashlib.blake2b(content, digest_size=16).hexdigest()
     try:
         image, facts = decode(path, "RGB")
     except ImageFileError as e:
@@ -185,12 +189,18 @@ class _Cache:
         entry = self._shard(folder).get(name)
         if entry is None:
             return None
-        stat = os.stat(path)
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return None
         return entry[2] if entry[:2] == [stat.st_size, stat.st_mtime_ns] else None
 
     def put(self, path: str, record: dict) -> None:
         folder, name = os.path.split(path)
-        stat = os.stat(path)
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return  # gone: nothing to remember
         self._shard(folder)[name] = [stat.st_size, stat.st_mtime_ns, record]
         self.dirty.add(folder)
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from cnnkit.config import Config
 from cnnkit.data import make_loader
+from cnnkit.data.doctor import IMBALANCE_RATIO
 from cnnkit.data.transforms import batch_mix
 from cnnkit.engine import runtime
 from cnnkit.engine.callbacks import BestTracker, Ema, MetricsLog, Progress
@@ -41,7 +42,6 @@ CHECKPOINT = Path("checkpoints") / "last.pt"
 MONITORS = ("val_acc", "val_loss", "train_acc", "train_loss")
 BALANCE = ("auto", "sampler", "loss", "none")
 NAN_POLICIES = ("stop", "skip")
-IMBALANCE_RATIO = 3.0  # largest / smallest class count from which classes count as imbalanced
 
 
 @dataclass
