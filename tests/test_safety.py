@@ -22,6 +22,7 @@ from cnnkit.data.sources import FileImageDataset
 from cnnkit.engine import checkpoint
 from cnnkit.engine.checkpoint import (
     load_checkpoint,
+    load_latest,
     load_model_file,
     save_checkpoint,
     save_model_file,
@@ -79,7 +80,7 @@ def test_signal_mid_epoch_then_resume_equals_uninterrupted(tmp_path, sig):
 
 
 # One process imports torch once, then forks savers and SIGKILLs each at a different moment of
-# its loop of atomic saves; after every kill the latest checkpoint must load.
+# its loop of atomic saves; after every kill the latest checkpoint must load. (Used below.)
 KILLER = """
 import os, signal, sys, time, torch
 from cnnkit.engine.checkpoint import load_checkpoint, load_latest, save_checkpoint
@@ -100,7 +101,27 @@ for round_ in range(8):
 """
 
 
-def test_sigkill_during_saves_never_leaves_a_broken_checkpoint(tmp_path):
+def test_training_killed_with_sigkill_resumes_from_its_latest_checkpoint(tmp_path):
+    # a real training process, killed while it saves a checkpoint every few hundred ms
+    argv = ["train", "--epochs", "60", "--quiet", "--num-workers", "0", "--name", "k"]
+    child = subprocess.Popen(
+        [sys.executable, "-m", "cnnkit", *argv, "data.batch_size=512", f"train.out_dir={tmp_path}"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=CHILD_ENV,
+    )
+    for line in child.stdout:
+        if line.startswith("epoch 3/60"):
+            break
+    time.sleep(0.4)
+    child.kill()
+    child.wait()
+    assert load_latest(tmp_path / "k" / "checkpoints")[0]["epoch"] >= 3
+    assert cnnkit.train(resume=tmp_path / "k", stop_after=1).fit.epochs_done >= 4
+    assert not list((tmp_path / "k").rglob("*.tmp"))
+
+
+def test_sigkill_at_many_points_of_a_save_loop(tmp_path):
     path = tmp_path / "checkpoints" / "last.pt"
     done = subprocess.run(
         [sys.executable, "-c", KILLER, str(path)],

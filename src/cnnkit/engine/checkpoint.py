@@ -73,6 +73,8 @@ def save_checkpoint(path: str | Path, state: dict, keep_previous: bool = False) 
         check_finite(state["ema"]["module"], path)
     buf = io.BytesIO()
     torch.save(state, buf)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed earlier save
+        stale.unlink(missing_ok=True)
     if keep_previous and path.is_file():
         _copy_atomic(path, path.with_name(PREVIOUS))
     atomic_write_bytes(path, buf.getvalue())
