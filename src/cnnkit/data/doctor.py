@@ -110,6 +110,14 @@ def _phash(image) -> str:
     return str(imagehash.phash(image))
 
 
+def _what_policy_does(facts: dict) -> str:
+    if facts["transparency"]:
+        return "transparency composited onto white"
+    if facts["mode"] in ("I", "I;16", "I;16B", "I;16L", "F"):
+        return "scaled to 8 bits"
+    return "converted to RGB"
+
+
 def _error_kind(message: str) -> str:
     if "not an image file" in message:
         return "not_image"
@@ -123,7 +131,7 @@ def _file_warnings(path: str, facts: dict) -> list[Finding]:
     mode = facts["mode"]
     if mode in UNUSUAL_MODES or (mode == "P" and facts["transparency"]):
         detail = " with transparency" if mode == "P" else ""
-        found.append(Finding(path, "mode", f"mode {mode}{detail}: converted to RGB by the policy"))
+        found.append(Finding(path, "mode", f"mode {mode}{detail}: {_what_policy_does(facts)}"))
     if facts["orientation"] != 1:
         found.append(Finding(path, "exif", f"EXIF orientation {facts['orientation']}: rotated"))
     short, long = sorted((facts["width"], facts["height"]))
@@ -292,8 +300,9 @@ def _dirs(folder: Path) -> list[Path]:
 def _note_loose_files(folder: Path, report: Report) -> None:
     for path in sorted(folder.iterdir()):
         if path.is_file() or (path.is_dir() and _is_junk(path.name)):
-            kind = "junk" if _is_junk(path.name) else "loose"
-            report.warnings.append(Finding(str(path), kind, "not inside a class folder: ignored"))
+            junk = _is_junk(path.name)
+            why = "hidden/junk: ignored" if junk else "not inside a class folder: ignored"
+            report.warnings.append(Finding(str(path), "junk" if junk else "loose", why))
 
 
 def _files(folder: Path, report: Report) -> Iterable[str]:
@@ -323,7 +332,8 @@ def _count_classes(images: dict, results: dict, report: Report) -> None:
     for split, counts in report.classes.items():
         for cls, n in counts.items():
             if n == 0:
-                report.errors.append(Finding(f"{split}/{cls}", "empty_class", "no usable images"))
+                why = f"class {cls} of {split} has no usable images"
+                report.errors.append(Finding(f"{split}/{cls}", "empty_class", why))
         present = [n for n in counts.values() if n > 0]
         if present:
             report.imbalance[split] = max(present) / min(present)
@@ -408,7 +418,7 @@ def summary(report: Report) -> str:
         ratio = report.imbalance.get(split)
         tail = f", imbalance {ratio:.1f}" if ratio else ""
         lines.append(f"  {split}: {sum(counts.values())} images, {len(counts)} classes{tail}")
-    lines += _section("errors", [f"{f.kind}: {f.path}: {f.message}" for f in report.errors])
+    lines += _section("errors", [f"{f.kind}: {f.message}" for f in report.errors])  # names it
     leaks = [f"{p['a']} <-> {p['b']}" for p in report.leaks]
     lines += _section("duplicates across splits (leakage)", leaks)
     inner = [p for p in report.exact_duplicates + report.near_duplicates if not p["cross_split"]]
