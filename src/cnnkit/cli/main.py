@@ -52,9 +52,9 @@ def run(argv: list[str]) -> int:
     except click.ClickException as e:
         e.show()
         return 2
-    except (KeyboardInterrupt, click.exceptions.Abort) as e:
+    except (KeyboardInterrupt, click.exceptions.Abort):
         print("\ninterrupted", file=sys.stderr)
-        return getattr(e, "exit_code", 130)  # 128 + signal after a clean stop on SIGTERM
+        return 130
     except CnnkitError as e:
         if debug:
             raise

@@ -90,11 +90,12 @@ def train(
             )
         extra = [f"train.epochs={epochs}"] if epochs is not None else []
         extra += [f"train.nan_policy={nan_policy}"] if nan_policy else []
-        result = api_train(
-            resume=resume, overrides=extra + overrides, resume_changed=resume_changed
+        result = _stop_cleanly(
+            api_train, resume=resume, overrides=extra + overrides, resume_changed=resume_changed
         )
     else:
-        result = api_train(
+        result = _stop_cleanly(
+            api_train,
             data,
             config=config,
             overrides=overrides,
@@ -117,6 +118,17 @@ def train(
             nan_policy=nan_policy,
         )
     _summary(result)
+
+
+def _stop_cleanly(api_train, *args, **kwargs):
+    """Run training; a stop on SIGINT/SIGTERM (checkpoint saved, resume hint printed) exits with
+    128 + the signal (130, 143) instead of a traceback. Typer would report every stop as 130."""
+    from cnnkit.engine.interrupt import Interrupted
+
+    try:
+        return api_train(*args, **kwargs)
+    except Interrupted as e:
+        raise typer.Exit(e.exit_code) from None
 
 
 def _split_positionals(data: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
