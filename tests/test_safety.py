@@ -224,6 +224,7 @@ class _Poisoned(FileImageDataset):
 def _poisoned_run(tmp_path, policy: str):
     cfg = resolve_config(str(make_folder(tmp_path / "img")), epochs=2, num_workers=0)
     cfg.train.nan_policy, cfg.data.batch_size = policy, 8
+    cfg.data.decode_cache = "off"  # stream through the dataset, so its poisoned file is read
     splits = data.build(cfg.data, seed=0)
     train = splits.train
     splits.train = _Poisoned(train.paths, train.targets, train.mode, train.transform)

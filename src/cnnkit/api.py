@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from cnnkit import __version__, data, models
-from cnnkit.config import Config, RuntimeConfig, from_dict, load
+from cnnkit.config import Config, DataConfig, RuntimeConfig, from_dict, load
+from cnnkit.data.memory import run_loader
 from cnnkit.engine import runtime
 from cnnkit.engine.checkpoint import (
     atomic_write_bytes,
@@ -27,6 +28,7 @@ from cnnkit.engine.checkpoint import (
 from cnnkit.engine.fit import CHECKPOINT, FitResult, fit
 from cnnkit.engine.interrupt import Interrupted
 from cnnkit.engine.loop import evaluate as evaluate_loader
+from cnnkit.engine.tuning import auto_batch_size
 from cnnkit.errors import CnnkitError
 from cnnkit.evaluation.metrics import summarize
 
@@ -64,10 +66,17 @@ def train(
     if resume is not None:
         return _resume(Path(resume), stop_after, overrides or [], resume_changed)
     cfg = resolve_config(data_source, config, overrides, **options)
+    _check_batch_size(cfg.data.batch_size)
     runtime.seed_everything(cfg.train.seed)
     splits = data.build(cfg.data, seed=cfg.train.seed)
     model = _build_model(cfg, splits)
     splits = _match_pretrained_normalisation(cfg, splits, model)
+    if cfg.data.batch_size == "auto":
+        rt = runtime.resolve(cfg.runtime, cfg.train.deterministic)
+        shape = (splits.in_chans, *splits.input_size)
+        cfg.data.batch_size = auto_batch_size(
+            model, rt, shape, len(splits.classes), len(splits.train)
+        )
     run_dir = _new_run_dir(cfg, splits.name)
     return _fit_in(
         run_dir, model, splits, cfg, resume_state=None, stop_after=stop_after, created=True
@@ -130,6 +139,12 @@ def resolve_config(
         section, field = key.split(".")
         nested.setdefault(section, {})[field] = value
     return load(None, overrides, base=from_dict(nested, cfg))
+
+
+def _check_batch_size(value) -> None:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return
+    raise CnnkitError(f"data.batch_size must be a positive integer or 'auto', got {value!r}")
 
 
 def _resume(
@@ -209,7 +224,7 @@ def _final_eval(run_dir: Path, splits, cfg: Config) -> tuple[dict | None, str | 
     if dataset is None:
         return None, None
     model = load_model(run_dir / MODEL_FILE, device=cfg.runtime.device)
-    metrics = _score(model, dataset, cfg.data.batch_size, cfg.runtime.device, cfg.data.num_workers)
+    metrics = _score(model, dataset, cfg.data.batch_size, cfg.runtime.device, cfg.data)
     atomic_write_bytes(run_dir / f"{name}_metrics.json", json.dumps(metrics, indent=2).encode())
     return metrics, name
 
@@ -383,7 +398,7 @@ def evaluate(
         split = str(data_source)
     else:
         dataset, split = _own_split(Path(run_or_model))
-    metrics = _score(model, dataset, batch_size, device, num_workers)
+    metrics = _score(model, dataset, batch_size, device, DataConfig(num_workers=num_workers))
     metrics["split"] = split
     return metrics
 
@@ -402,12 +417,20 @@ def _own_split(run_dir: Path):
     )
 
 
-def _score(
-    model: nn.Module, dataset, batch_size: int, device: str, num_workers: int | None
-) -> dict:
+def _score(model: nn.Module, dataset, batch_size: int, device: str, data_cfg: DataConfig) -> dict:
     rt = runtime.resolve(RuntimeConfig(device=device))
     model = model.to(rt.device, memory_format=rt.memory_format)
-    loader = data.make_loader(dataset, batch_size, train=False, seed=0, num_workers=num_workers)
+    loader = run_loader(
+        dataset,
+        model.meta["preprocessing"],
+        None,
+        data_cfg,
+        batch_size,
+        train=False,
+        seed=0,
+        device=rt.device,
+        memory_format=rt.memory_format,
+    )
     classes = model.meta["classes"]
     raw = evaluate_loader(model, loader, rt, len(classes))
     return summarize(raw, classes)

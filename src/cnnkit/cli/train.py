@@ -33,7 +33,10 @@ def train(
         ),
     ] = None,
     epochs: Annotated[int | None, typer.Option(help="Number of epochs.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per step.")] = None,
+    batch_size: Annotated[
+        str | None,
+        typer.Option(help="Images per step, or auto (measured for this machine and model)."),
+    ] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     name: Annotated[str | None, typer.Option(help="Run folder name under runs/.")] = None,
@@ -101,7 +104,7 @@ def train(
             overrides=overrides,
             model=model,
             epochs=epochs,
-            batch_size=batch_size,
+            batch_size=_batch_size(batch_size),
             lr=lr,
             seed=seed,
             name=name,
@@ -129,6 +132,17 @@ def _stop_cleanly(api_train, *args, **kwargs):
         return api_train(*args, **kwargs)
     except Interrupted as e:
         raise typer.Exit(e.exit_code) from None
+
+
+def _batch_size(value: str | None) -> int | str | None:
+    if value is None or value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise typer.BadParameter(
+            f"'{value}' is not a whole number or auto", param_hint="--batch-size"
+        ) from None
 
 
 def _split_positionals(data: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:

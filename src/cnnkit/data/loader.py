@@ -66,7 +66,8 @@ class EpochSampler(Sampler):
     def __len__(self) -> int:
         return -(-self.size // self.world_size) - self.start  # ceil
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def indices(self) -> list[int]:
+        """This rank's dataset indices for the current epoch, in order, from ``start`` on."""
         generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
         if self.weights is not None:
             order = torch.multinomial(self.weights, self.size, True, generator=generator).tolist()
@@ -78,7 +79,10 @@ class EpochSampler(Sampler):
             full = -(-self.size // self.world_size)
             order += order[: full * self.world_size - self.size]
             order = order[self.rank :: self.world_size]
-        return iter([(index, self.epoch) for index in order[self.start :]])
+        return order[self.start :]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter([(index, self.epoch) for index in self.indices()])
 
 
 class SeededDataset(Dataset):

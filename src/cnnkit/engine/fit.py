@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from cnnkit.config import Config
-from cnnkit.data import make_loader
 from cnnkit.data.doctor import IMBALANCE_RATIO
+from cnnkit.data.memory import run_loader
 from cnnkit.data.transforms import batch_mix
 from cnnkit.engine import runtime
 from cnnkit.engine.callbacks import BestTracker, Ema, MetricsLog, Progress
@@ -78,12 +78,14 @@ def fit(
     model = model.to(rt.device, memory_format=rt.memory_format)
     num_classes = len(splits.classes)
     balance, counts, imbalanced = _balance(tc.balance, splits.train.targets, num_classes)
-
+    progress = Progress(tc.progress, tc.epochs)
     weights = (
         (1.0 / counts)[torch.as_tensor(splits.train.targets)] if balance == "sampler" else None
     )
-    train_loader = _loader(splits.train, cfg, rt, train=True, weights=weights)
-    val_loader = _loader(splits.val, cfg, rt, train=False) if splits.val is not None else None
+    train_loader = _loader(splits, splits.train, cfg, rt, progress.message, weights)
+    has_val = splits.val is not None
+    val_loader = _loader(splits, splits.val, cfg, rt, progress.message) if has_val else None
+
     optimizer = create_optimizer(model, cfg.optim, cfg.data.batch_size)
     scheduler = create_scheduler(optimizer, cfg.optim, tc.epochs, len(train_loader))
     per_step = cfg.optim.scheduler not in EPOCH_SCHEDULERS
@@ -96,12 +98,14 @@ def fit(
         grad_clip=tc.grad_clip,
         mix=batch_mix(cfg.data, num_classes),
         ema=Ema(model, tc.ema_decay) if tc.ema else None,
+        note=progress.message,
         nan_policy=tc.nan_policy,
         nan_limit=tc.nan_limit,
     )
+    # the compiled wrapper shares the parameters; state dicts are always taken from ``model``
+    train_model = torch.compile(model) if rt.compile else model
     tracker = BestTracker(tc.monitor, tc.patience)
     log = MetricsLog(run_dir, tc.tensorboard)
-    progress = Progress(tc.progress, tc.epochs)
     start, start_step, partial = (0, 0, None)
     if resume:
         start, start_step, partial = _restore(resume, model, tools, scheduler, tracker, log)
@@ -128,7 +132,7 @@ def fit(
             lr = partial["lr"] if skip else optimizer.param_groups[0]["lr"]
             progress.start_epoch(epoch, len(train_loader))
             try:
-                train = train_one_epoch(model, train_loader, tools, rt, progress.step)
+                train = train_one_epoch(train_model, train_loader, tools, rt, progress.step)
             except Stopped as s:
                 totals = _add_totals(partial if skip else None, s.totals, lr)
                 save(epoch, step=skip + s.steps, partial=totals)
@@ -138,6 +142,8 @@ def fit(
                 raise CnnkitError(_non_finite_message(e, epoch, skip, files, tc)) from None
             if skip:
                 train = _merge(train, partial)
+            if rt.compile and epoch == start:
+                progress.message(f"compile warm-up: {train['first_step']:.1f} s (first step)")
             eval_model = tools.ema.module if tools.ema is not None else model
             val = evaluate(eval_model, val_loader, rt, num_classes) if val_loader else None
             row = _row(epoch, train, val, lr)
@@ -175,14 +181,20 @@ def fit(
     )
 
 
-def _loader(dataset, cfg: Config, rt: runtime.Runtime, train: bool, weights=None):
-    return make_loader(
+def _loader(splits, dataset, cfg: Config, rt: runtime.Runtime, note, weights=None):
+    """In-memory batches augmented on the device when the split fits, else a DataLoader."""
+    train = dataset is splits.train
+    return run_loader(
         dataset,
+        splits.preprocessing,
+        splits.augment if train else None,
+        cfg.data,
         cfg.data.batch_size,
         train=train,
         seed=cfg.train.seed,
-        num_workers=cfg.data.num_workers,
-        pin_memory=rt.device.type == "cuda",
+        device=rt.device,
+        memory_format=rt.memory_format,
+        note=note,
         weights=weights,
     )
 
