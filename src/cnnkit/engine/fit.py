@@ -126,7 +126,7 @@ def fit(
             _set_frozen(model, frozen=epoch < tc.freeze_epochs)
             torch.manual_seed(runtime.epoch_seed(tc.seed, epoch))  # dropout, MixUp draws
             skip = start_step if epoch == start else 0  # steps already done (resumed mid-epoch)
-            train_loader.sampler.set_epoch(epoch, start=skip * cfg.data.batch_size)
+            train_loader.sampler.set_epoch(epoch, start=skip * train_loader.batch_size)
             if skip:
                 runtime.set_rng_state(resume["rng"])  # the RNG as it was at the interruption
             lr = partial["lr"] if skip else optimizer.param_groups[0]["lr"]
