@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,8 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("CNNKIT_TEST", "1")
+# the doctor's per-file cache: one throwaway folder per test session, not ~/.cache
+os.environ.setdefault("CNNKIT_CACHE_DIR", tempfile.mkdtemp(prefix="cnnkit-test-cache-"))
 
 
 def write_image(path: Path, color: tuple[int, int, int], size: tuple[int, int], seed: int) -> None:

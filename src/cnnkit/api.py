@@ -19,14 +19,21 @@ from cnnkit import __version__, data, models
 from cnnkit.config import Config, DataConfig, RuntimeConfig, from_dict, load
 from cnnkit.data.memory import run_loader
 from cnnkit.engine import distributed, runtime
-from cnnkit.engine.checkpoint import atomic_write_bytes, load_checkpoint, load_model_file
+from cnnkit.engine.checkpoint import (
+    atomic_write_bytes,
+    load_checkpoint,
+    load_latest,
+    load_model_file,
+)
 from cnnkit.engine.fit import CHECKPOINT, FitResult, fit
+from cnnkit.engine.interrupt import Interrupted
 from cnnkit.engine.loop import evaluate as evaluate_loader
 from cnnkit.engine.tuning import auto_batch_size
 from cnnkit.errors import CnnkitError
 from cnnkit.evaluation.metrics import summarize
 
 MODEL_FILE = "model.safetensors"
+SKIPPED_FILE = "skipped_files.tsv"
 
 
 @dataclass
@@ -44,6 +51,7 @@ def train(
     overrides: list[str] | None = None,
     resume: str | Path | None = None,
     stop_after: int | None = None,
+    resume_changed: bool = False,
     allow_world_change: bool = False,
     **options,
 ) -> TrainResult:
@@ -53,19 +61,23 @@ def train(
     ``Config``. ``options``: section-free shortcuts ``model``, ``epochs``, ``batch_size``, ``lr``,
     ``seed``, ``name``, ... applied after the config; ``overrides``: dotted ``key=value`` strings
     applied last. ``resume``: a run folder to continue exactly where its checkpoint stopped
-    (``allow_world_change``: even with another number of processes than it was started with).
+    (``overrides`` may change its config where exactness allows, any key with
+    ``resume_changed=True``; ``allow_world_change``: even with another number of processes than
+    it was started with).
 
     Started by torchrun, every process calls this and they train as one data-parallel run.
     """
     if resume is not None:
         distributed.init()
-        return _resume(Path(resume), stop_after, allow_world_change)
+        return _resume(
+            Path(resume), stop_after, overrides or [], resume_changed, allow_world_change
+        )
     cfg = resolve_config(data_source, config, overrides, **options)
     _check_batch_size(cfg.data.batch_size)
     dd = distributed.init(cfg.runtime.device)
     restarted = _torchrun_restart(cfg)
     if restarted is not None:
-        return _resume(restarted, stop_after, allow_world_change)
+        return _resume(restarted, stop_after, [], False, allow_world_change)
     runtime.seed_everything(cfg.train.seed)
     splits = data.build(cfg.data, seed=cfg.train.seed)
     model = _build_model(cfg, splits)
@@ -101,7 +113,15 @@ SHORTCUTS = {  # option name -> config key, for train(...) keywords and CLI flag
     "num_workers": "data.num_workers",
     "out_dir": "train.out_dir",
     "progress": "train.progress",
+    "skip_bad": "data.skip_bad",
+    "balance": "train.balance",
+    "nan_policy": "train.nan_policy",
 }
+# Keys a resumed run may change without losing exactness (they do not touch the numbers).
+RESUME_SAFE = frozenset(
+    {"train.progress", "train.tensorboard", "data.num_workers", "runtime.threads"}
+    | {"train.nan_policy", "train.nan_limit", "data.check_files"}
+)
 
 
 def resolve_config(
@@ -170,16 +190,29 @@ def _torchrun_restart(cfg: Config) -> Path | None:
     return run_dir
 
 
-def _resume(run_dir: Path, stop_after: int | None, allow_world_change: bool = False) -> TrainResult:
+def _resume(
+    run_dir: Path,
+    stop_after: int | None,
+    overrides: list[str],
+    changed_ok: bool,
+    allow_world_change: bool = False,
+) -> TrainResult:
     if not run_dir.is_dir():
         raise CnnkitError(f"--resume: run folder not found: {run_dir}")
-    if not (run_dir / CHECKPOINT).is_file():
-        raise CnnkitError(f"--resume: no checkpoint in {run_dir} (expected {run_dir / CHECKPOINT})")
-    state = load_checkpoint(run_dir / CHECKPOINT)
-    cfg = from_dict(state["config"])
+    state, _ = load_latest(run_dir / CHECKPOINT.parent)
+    saved = from_dict(state["config"])
+    cfg = load(None, overrides, base=saved)
+    changes = _config_changes(saved, cfg)
     if state["epoch"] >= cfg.train.epochs:
         raise CnnkitError(f"--resume: {run_dir} already finished its {cfg.train.epochs} epochs")
     splits = data.build(cfg.data, seed=cfg.train.seed)
+    if state.get("fingerprint", splits.fingerprint) != splits.fingerprint:
+        changes.append("the data files (added, removed or modified since the checkpoint)")
+    if changes and not changed_ok:
+        raise CnnkitError(
+            f"--resume: {', '.join(changes)} changed, so the run would not continue exactly; "
+            "add --resume-changed to continue anyway"
+        )
     model = _build_model(cfg, splits, load_weights=False)
     return _fit_in(
         run_dir,
@@ -191,6 +224,17 @@ def _resume(run_dir: Path, stop_after: int | None, allow_world_change: bool = Fa
         created=False,
         allow_world_change=allow_world_change,
     )
+
+
+def _config_changes(saved: Config, cfg: Config) -> list[str]:
+    """Dotted keys whose values differ and that matter to exactness (not in RESUME_SAFE)."""
+    old, new = saved.to_dict(), cfg.to_dict()
+    return [
+        f"{section}.{key}"
+        for section, values in new.items()
+        for key, value in values.items()
+        if value != old[section][key] and f"{section}.{key}" not in RESUME_SAFE
+    ]
 
 
 def _fit_in(
@@ -207,6 +251,8 @@ def _fit_in(
     main = distributed.current().main
     if main:
         atomic_write_bytes(run_dir / "config.yaml", cfg.to_yaml().encode())
+        if splits.skipped:
+            _list_skipped(run_dir, splits.skipped)
     try:
         result = fit(
             model,
@@ -221,12 +267,21 @@ def _fit_in(
     except (CnnkitError, KeyboardInterrupt) as e:
         if created and main and not (run_dir / CHECKPOINT).exists():
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing worth keeping was made yet
+        elif isinstance(e, Interrupted):
+            print(f"\n{e}")  # says where it stopped and how to resume
         elif isinstance(e, KeyboardInterrupt):
             print(f"\ninterrupted; continue with: cnnkit train --resume {run_dir}")
         raise
     test, split_name = _final_eval(run_dir, splits, cfg) if main else (None, None)
     distributed.barrier()
     return TrainResult(run_dir=run_dir, fit=result, test=test, test_split=split_name)
+
+
+def _list_skipped(run_dir: Path, skipped: list) -> None:
+    """--skip-bad: the files left out, one per line (path, kind, reason), in the run folder."""
+    lines = [f"{f.path}\t{f.kind}\t{f.message}" for f in skipped]
+    atomic_write_bytes(run_dir / SKIPPED_FILE, ("\n".join(lines) + "\n").encode())
+    print(f"note: left out {len(skipped)} bad image file(s); listed in {run_dir / SKIPPED_FILE}")
 
 
 def _final_eval(run_dir: Path, splits, cfg: Config) -> tuple[dict | None, str | None]:

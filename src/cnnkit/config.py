@@ -47,6 +47,8 @@ class DataConfig:
     random_erasing: float = 0.0  # probability
     mixup: float = 0.0  # Beta(alpha, alpha) for MixUp; 0 turns it off
     cutmix: float = 0.0  # Beta(alpha, alpha) for CutMix; 0 turns it off
+    check_files: bool = True  # decode every image file before training (cached by cnnkit doctor)
+    skip_bad: bool = False  # leave out files that cannot be decoded instead of stopping
 
 
 @dataclass
@@ -88,6 +90,9 @@ class TrainConfig:
     name: str | None = None  # run folder name; None: <model>-<data>-<n>
     progress: str = "auto"  # auto (bar on a TTY) | bar | plain
     tensorboard: bool = False
+    balance: str = "auto"  # sampler | loss | none | auto (sampler when classes are imbalanced)
+    nan_policy: str = "stop"  # stop | skip: what a non-finite loss does
+    nan_limit: int = 10  # skip: stop anyway after this many skipped steps in a run
 
 
 @dataclass

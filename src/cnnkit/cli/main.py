@@ -11,6 +11,7 @@ import sys
 import click
 import typer
 
+from cnnkit.cli import doctor as doctor_cmd
 from cnnkit.cli import eval as eval_cmd
 from cnnkit.cli import models as models_cmd
 from cnnkit.cli import predict as predict_cmd
@@ -30,6 +31,7 @@ app.command("eval")(eval_cmd.eval_)
 app.command("predict")(predict_cmd.predict)
 app.command("models")(models_cmd.models)
 app.command("shard")(shard_cmd.shard)
+app.command("doctor")(doctor_cmd.doctor)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +70,7 @@ def run(argv: list[str]) -> int:
         argv = argv[1:]
     CURRENT_ARGV[:] = argv
     try:
-        app(args=argv, prog_name="cnnkit", standalone_mode=False)
+        code = app(args=argv, prog_name="cnnkit", standalone_mode=False)
     except EXIT_ERRORS as e:
         return e.exit_code
     except USAGE_ERRORS as e:
@@ -91,7 +93,7 @@ def run(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 1
-    return 0
+    return code if isinstance(code, int) else 0  # typer.Exit(n) comes back as n
 
 
 def one_line(error: BaseException) -> str:

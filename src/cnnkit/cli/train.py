@@ -69,6 +69,19 @@ def train(
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
     precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16.")] = None,
     num_workers: Annotated[int | None, typer.Option(help="DataLoader worker processes.")] = None,
+    skip_bad: Annotated[
+        bool, typer.Option(help="Leave out image files that cannot be decoded (listed in the run).")
+    ] = False,
+    balance: Annotated[
+        str | None,
+        typer.Option(help="sampler, loss, none or auto (sampler when classes are imbalanced)."),
+    ] = None,
+    nan_policy: Annotated[
+        str | None, typer.Option(help="stop (default) or skip steps whose loss is NaN/inf.")
+    ] = None,
+    resume_changed: Annotated[
+        bool, typer.Option(help="Resume even when overrides or the data changed since.")
+    ] = False,
     nproc: Annotated[
         int | None,
         typer.Option(help="Train with this many processes on this machine (starts torchrun)."),
@@ -89,16 +102,26 @@ def train(
         return
     data, overrides = _split_positionals(data, overrides or [])
     if resume is not None:
-        options = dict(data=data, model=model, epochs=epochs, config=config, batch_size=batch_size)
-        given = [k for k, v in options.items() if v is not None] + overrides
+        options = dict(data=data, model=model, config=config, batch_size=batch_size)
+        given = [k for k, v in options.items() if v is not None]
         if given:
             raise typer.BadParameter(
-                f"--resume continues the run with its saved config; drop {', '.join(given)}",
+                f"--resume continues the run with its saved config; drop {', '.join(given)} "
+                "(section.key=value overrides and --epochs are allowed)",
                 param_hint="--resume",
             )
-        result = api_train(resume=resume, allow_world_change=allow_world_change)
+        extra = [f"train.epochs={epochs}"] if epochs is not None else []
+        extra += [f"train.nan_policy={nan_policy}"] if nan_policy else []
+        result = _stop_cleanly(
+            api_train,
+            resume=resume,
+            overrides=extra + overrides,
+            resume_changed=resume_changed,
+            allow_world_change=allow_world_change,
+        )
     else:
-        result = api_train(
+        result = _stop_cleanly(
+            api_train,
             data,
             config=config,
             overrides=overrides,
@@ -118,6 +141,9 @@ def train(
             precision=precision,
             num_workers=num_workers,
             progress="plain" if quiet else None,
+            skip_bad=skip_bad or None,
+            balance=balance,
+            nan_policy=nan_policy,
         )
     if distributed.current().main:
         _summary(result)
@@ -163,6 +189,17 @@ def _without_option(argv: list[str], name: str) -> list[str]:
         elif not arg.startswith(f"{name}="):
             out.append(arg)
     return out
+
+
+def _stop_cleanly(api_train, *args, **kwargs):
+    """Run training; a stop on SIGINT/SIGTERM (checkpoint saved, resume hint printed) exits with
+    128 + the signal (130, 143) instead of a traceback. Typer would report every stop as 130."""
+    from cnnkit.engine.interrupt import Interrupted
+
+    try:
+        return api_train(*args, **kwargs)
+    except Interrupted as e:
+        raise typer.Exit(e.exit_code) from None
 
 
 def _batch_size(value: str | None) -> int | str | None:

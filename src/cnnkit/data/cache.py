@@ -61,6 +61,17 @@ def geometry_ops(geometry: dict) -> v2.Compose:
     )
 
 
+DEFAULT_ROOT = "~/.cache/cnnkit"
+
+
+def cache_root(configured: str | Path) -> Path:
+    """The cache folder: ``data.cache_dir``, where ``$CNNKIT_CACHE_DIR`` replaces the default
+    (the same variable the doctor's cache follows)."""
+    if str(configured) == DEFAULT_ROOT and os.environ.get("CNNKIT_CACHE_DIR"):
+        return Path(os.environ["CNNKIT_CACHE_DIR"]).expanduser()
+    return Path(configured).expanduser()
+
+
 def stderr_note(message: str) -> None:
     """Default for notes: standard error, so ``--json`` output on stdout stays clean."""
     print(message, file=sys.stderr)

@@ -48,12 +48,18 @@ class MemoryLoader:
         drop_last: bool | None = None,
         rank: int = 0,
         world_size: int = 1,
+        weights=None,
     ) -> None:
         self.images = images  # uint8 (N, C, H, W), on the CPU or already on the device
         self.targets = torch.as_tensor(list(targets), dtype=torch.long)
         self.batch_size, self.augment, self.device = batch_size, augment, torch.device(device)
         self.sampler = EpochSampler(
-            len(self.targets), shuffle=train, seed=seed, rank=rank, world_size=world_size
+            len(self.targets),
+            shuffle=train,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            weights=weights,
         )
         if drop_last is None:
             drop_last = train and len(self.targets) > batch_size * world_size
@@ -76,6 +82,7 @@ class MemoryLoader:
         epoch = self.sampler.epoch
         order = torch.tensor(self.sampler.indices(), dtype=torch.long)
         on_device = self.images.device == self.device
+        first = self.sampler.start // self.batch_size  # steps already done (resumed mid-epoch)
         for step in range(len(self)):
             index = order[step * self.batch_size : (step + 1) * self.batch_size]
             if on_device:
@@ -86,7 +93,7 @@ class MemoryLoader:
                     images = images.pin_memory()
                 images = images.to(self.device, non_blocking=True)
             labels = self.targets[index].to(self.device, non_blocking=True)
-            yield self.augment(images, index, epoch, step), labels
+            yield self.augment(images, index, epoch, first + step), labels
 
 
 def run_loader(
@@ -103,17 +110,19 @@ def run_loader(
     note: Callable[[str], None] = cache.stderr_note,
     rank: int = 0,
     world_size: int = 1,
+    weights=None,
 ):
     """The fastest loader for ``dataset`` (a split from ``cnnkit.data.build``/``build_eval``).
 
     ``aug``: the resolved train augmentation (``Splits.augment``), or None for evaluation.
+    ``weights``: per-sample weights for class-balanced sampling (with replacement).
     """
     if cfg.decode_cache not in cache.MODES:
         raise CnnkitError(
             f"data.decode_cache must be one of {', '.join(cache.MODES)}, got '{cfg.decode_cache}'"
         )
     images = None if cfg.decode_cache == "off" else _images(dataset, preprocessing, aug, cfg, note)
-    loader_kw = dict(train=train, seed=seed, rank=rank, world_size=world_size)
+    loader_kw = dict(train=train, seed=seed, rank=rank, world_size=world_size, weights=weights)
     if images is None:
         return make_loader(
             dataset,
@@ -167,7 +176,7 @@ def _images(dataset, preprocessing: dict, aug: dict | None, cfg: DataConfig, not
             dataset.paths,
             dataset.mode,
             geometry,
-            cfg.cache_dir,
+            cache.cache_root(cfg.cache_dir),
             workers=auto_workers(dataset),
             note=note,
         )

@@ -32,7 +32,14 @@ from torch.utils.data import Dataset
 
 from cnnkit.config import DataConfig
 from cnnkit.data import shards
-from cnnkit.data.images import GRAY_MODES, IMAGE_EXTENSIONS, image_info, list_images, load_image
+from cnnkit.data.images import (
+    GRAY_MODES,
+    IMAGE_EXTENSIONS,
+    ImageFileError,
+    image_info,
+    list_images,
+    load_image,
+)
 from cnnkit.data.transforms import (
     eval_transform,
     image_mode,
@@ -67,6 +74,7 @@ class Splits:
     preprocessing: dict  # JSON-able; see cnnkit.data.transforms
     fingerprint: str  # changes when the files (or the built-in's version) change
     augment: dict = field(default_factory=dict)  # the train augmentation used (JSON-able)
+    skipped: list = field(default_factory=list)  # Findings of bad files left out (--skip-bad)
 
 
 class TensorImageDataset(Dataset):
@@ -180,6 +188,7 @@ def build(cfg: DataConfig, seed: int) -> Splits:
             f"data.input_size must be a positive number of pixels or null, got {cfg.input_size}"
         )
     src = _read_source(cfg)
+    skipped = preflight(src, cfg)
     train, val = src.train, src.val
     streamed = isinstance(train, shards.ShardDataset)
     if streamed:
@@ -209,7 +218,34 @@ def build(cfg: DataConfig, seed: int) -> Splits:
         preprocessing=pre,
         fingerprint=src.fingerprint,
         augment=resolve_augment(pre, cfg, src.preset),
+        skipped=skipped,
     )
+
+
+def preflight(src: _Source, cfg: DataConfig) -> list:
+    """Decode every image file of the source before training (results cached by the doctor).
+    Bad files stop the run, naming them, unless ``cfg.skip_bad``: then they are left out of
+    their split and returned (as ``doctor.Finding``) for the run folder's list."""
+    from cnnkit.data.doctor import check_files
+
+    names = ("train", "val", "test")
+    files = {n: getattr(src, n) for n in names if isinstance(getattr(src, n), FileImageDataset)}
+    if not cfg.check_files or not files:
+        return []
+    bad = check_files([p for dataset in files.values() for p in dataset.paths])
+    if bad and not cfg.skip_bad:
+        shown = "; ".join(f"{f.path} ({f.kind})" for f in bad[:10])
+        more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise ImageFileError(
+            f"{len(bad)} image file(s) cannot be used: {shown}{more}. Fix or remove them, or "
+            "train with --skip-bad to leave them out (cnnkit doctor DATA gives the full report)"
+        )
+    dropped = {f.path for f in bad}
+    for name, dataset in files.items():
+        if dropped:
+            keep = [i for i, p in enumerate(dataset.paths) if str(p) not in dropped]
+            setattr(src, name, dataset.subset(keep))
+    return bad
 
 
 def _given_stats(cfg: DataConfig, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:

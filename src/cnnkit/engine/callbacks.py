@@ -222,7 +222,7 @@ class SilentProgress(Progress):
 
 def format_row(row: dict, epochs: int) -> str:
     parts = [f"epoch {row['epoch']}/{epochs}"]
-    for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc"):
         if key in row and row[key] == row[key]:  # skip NaN (no validation split)
             parts.append(f"{key} {row[key]:.4f}")
     parts.append(f"lr {row['lr']:.3g}")
