@@ -14,6 +14,7 @@ Every verb (train, eval, predict, serve, doctor) reads images through ``decode``
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -63,15 +64,21 @@ def load_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
     return decode(path, mode)[0]
 
 
-def decode(path: str | os.PathLike, mode: str = "RGB") -> tuple[Image.Image, dict]:
+def decode(
+    path: str | os.PathLike | bytes, mode: str = "RGB", name: str | None = None
+) -> tuple[Image.Image, dict]:
     """``load_image`` plus what the file was before the policy applied: ``format``, ``mode``
     (Pillow's, e.g. "CMYK", "I;16"), ``width``/``height`` (as stored), ``orientation`` (EXIF tag,
-    1 = upright) and ``transparency`` (whether it had an alpha channel or transparent colour)."""
+    1 = upright) and ``transparency`` (whether it had an alpha channel or transparent colour).
+
+    ``path`` may also be the encoded bytes of an image (a shard member, an upload); ``name`` then
+    says where they came from in error messages."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    path = Path(path)
+    source = io.BytesIO(path) if isinstance(path, bytes | bytearray) else Path(path)
+    path = Path(name) if name is not None else source if isinstance(source, Path) else "<bytes>"
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             _check_pixels(img, path)
             img.load()  # decode now so truncated or corrupt files fail here, naming the file
             facts = {

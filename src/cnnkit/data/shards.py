@@ -37,7 +37,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from braceexpand import braceexpand
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from cnnkit.data import images as image_files
@@ -315,17 +315,8 @@ class ShardDataset(IterableDataset):
 
 
 def decode_bytes(data: bytes, mode: str, where: str) -> Image.Image:
-    """An encoded image (a shard member) decoded by the same rules as image files."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            image_files._check_pixels(img, Path(where))
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return image_files._convert(img, mode)
-    except image_files._DECODE_ERRORS as e:
-        raise image_files.ImageFileError(
-            f"cannot read image {where}: {image_files._reason(e)}; rewrite the shard"
-        ) from None
+    """An encoded image (a shard member) decoded by the same policy as image files."""
+    return image_files.decode(data, mode, name=where)[0]
 
 
 def _buffer_shuffle(samples, size: int, rng: random.Random):

@@ -230,8 +230,18 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 
 def _balance(mode: str, targets, num_classes: int) -> tuple[str, torch.Tensor, bool]:
     """(balance used, class counts (float), imbalanced?); "auto" samples balanced batches when
-    the largest class is IMBALANCE_RATIO times the smallest or more."""
-    counts = torch.bincount(torch.as_tensor(targets), minlength=num_classes).double()
+    the largest class is IMBALANCE_RATIO times the smallest or more. Streamed shards list no
+    labels up front: no balancing there (asking for it is an error)."""
+    if len(targets) == 0:
+        if mode in ("sampler", "loss"):
+            raise CnnkitError(
+                f"--balance {mode} needs every training image's class up front; data streamed "
+                "from shards has none: use --balance none"
+            )
+        return "none", torch.ones(num_classes, dtype=torch.float64), False
+    counts = torch.bincount(
+        torch.as_tensor(targets, dtype=torch.long), minlength=num_classes
+    ).double()
     present = counts[counts > 0]
     imbalanced = bool(present.max() >= IMBALANCE_RATIO * present.min())
     if mode == "auto":
