@@ -56,7 +56,8 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     name: str = "sgd"  # sgd (Nesterov) | adamw
-    lr: float | None = None  # None: 0.1 per 256 images for sgd, 1e-3 per 256 images for adamw
+    lr: float | str | None = None  # None: 0.1 per 256 images for sgd, 1e-3 for adamw;
+    # "auto": the lr finder's suggestion (cnnkit.evaluation.lr_finder), saved as a number
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float | None = None  # None: 5e-4 for sgd, 0.05 for adamw; never on norm/bias
@@ -84,6 +85,7 @@ class TrainConfig:
     name: str | None = None  # run folder name; None: <model>-<data>-<n>
     progress: str = "auto"  # auto (bar on a TTY) | bar | plain
     tensorboard: bool = False
+    report: bool = True  # write report.html and its PNG figures at the end of training
 
 
 @dataclass

@@ -12,8 +12,11 @@ import click
 import typer
 
 from cnnkit.cli import eval as eval_cmd
+from cnnkit.cli import explain as explain_cmd
+from cnnkit.cli import lr_find as lr_find_cmd
 from cnnkit.cli import models as models_cmd
 from cnnkit.cli import predict as predict_cmd
+from cnnkit.cli import report as report_cmd
 from cnnkit.cli import train as train_cmd
 
 app = typer.Typer(
@@ -28,6 +31,9 @@ app.command("train")(train_cmd.train)
 app.command("eval")(eval_cmd.eval_)
 app.command("predict")(predict_cmd.predict)
 app.command("models")(models_cmd.models)
+app.command("report")(report_cmd.report)
+app.command("explain")(explain_cmd.explain)
+app.command("lr-find")(lr_find_cmd.lr_find)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,7 +34,10 @@ def train(
     ] = None,
     epochs: Annotated[int | None, typer.Option(help="Number of epochs.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per step.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    lr: Annotated[
+        str | None,
+        typer.Option(help="Peak learning rate, or 'auto' to take the lr finder's suggestion."),
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     name: Annotated[str | None, typer.Option(help="Run folder name under runs/.")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML config file.")] = None,
@@ -60,12 +63,15 @@ def train(
     precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16.")] = None,
     num_workers: Annotated[int | None, typer.Option(help="DataLoader worker processes.")] = None,
     quiet: Annotated[bool, typer.Option(help="Plain log lines instead of a progress bar.")] = False,
+    report: Annotated[
+        bool, typer.Option(help="Write report.html and figures at the end (train.report).")
+    ] = True,
     debug: Annotated[bool, DEBUG] = False,
 ) -> None:
     """Train a classifier; everything it writes goes to runs/<name>/."""
     from cnnkit.api import train as api_train
 
-    data, overrides = _split_positionals(data, overrides or [])
+    data, overrides = split_positionals(data, overrides or [])
     if resume is not None:
         options = dict(data=data, model=model, epochs=epochs, config=config, batch_size=batch_size)
         given = [k for k, v in options.items() if v is not None] + overrides
@@ -83,7 +89,7 @@ def train(
             model=model,
             epochs=epochs,
             batch_size=batch_size,
-            lr=lr,
+            lr=_parse_lr(lr),
             seed=seed,
             name=name,
             pretrained=pretrained or None,
@@ -94,11 +100,23 @@ def train(
             precision=precision,
             num_workers=num_workers,
             progress="plain" if quiet else None,
+            report=None if report else False,
         )
     _summary(result)
 
 
-def _split_positionals(data: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+def _parse_lr(text: str | None) -> float | str | None:
+    if text is None or text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise typer.BadParameter(
+            f"must be a number or 'auto', got '{text}'", param_hint="--lr"
+        ) from None
+
+
+def split_positionals(data: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
     """``cnnkit train optim.lr=0.1``: a first positional that is an override is not DATA."""
     if data is not None and "=" in data and not Path(data).exists():
         return None, [data, *overrides]
