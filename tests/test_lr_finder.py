@@ -41,7 +41,9 @@ def test_model_and_optimizer_are_untouched():
     model.train()
 
     rt = runtime.resolve(RuntimeConfig(device="cpu"))
-    result = lr_find(model, loader, optimizer, rt, steps=40)
+    loader.sampler.set_epoch(3)
+    result = lr_find(model, loader, optimizer, rt, steps=40)  # > 1 epoch of batches
+    assert loader.sampler.epoch == 3
 
     assert len(result.lrs) > 10 and result.lrs[0] == pytest.approx(1e-6)
     assert model.training

@@ -80,6 +80,7 @@ def test_report_renders_in_headless_chromium(digits_run, tmp_path):
     assert (artifacts / "report.png").stat().st_size > 10_000
 
 
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
 def test_metrics_agree_with_scikit_learn():
     from sklearn import metrics as sk
 
@@ -150,3 +151,22 @@ def test_report_bad_input_gives_one_line_errors(digits_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "is not a training class" in err and "blue" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_hundred_classes_confusion_is_cut_to_the_most_confused(tmp_path):
+    from cnnkit.evaluation.report import Figures, _confusion
+
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(100), 5)
+    logits = rng.normal(size=(500, 100)) + 4.0 * np.eye(100)[labels]
+    logits[labels == 7, 3] += 10.0  # class 7 is always taken for class 3
+    classes = [f"class{i}" for i in range(100)]
+    m = from_logits(torch.tensor(logits), torch.tensor(labels), classes)
+    figures = Figures()
+    shown = _confusion(figures, m)
+    assert "100 classes: showing the 30 involved in the most errors" in shown["note"]
+    assert figures.png["confusion.png"][:4] == b"\x89PNG"
+    from cnnkit.evaluation.plots import confusion_classes
+
+    picked = confusion_classes(np.asarray(m["confusion"]))
+    assert len(picked) == 30 and {3, 7} <= set(picked)

@@ -11,6 +11,7 @@ tail) and after the first steps (where the average has not settled).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -68,23 +69,24 @@ def lr_find(
     work.to(rt.device, memory_format=rt.memory_format).train()
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     result, average, best = LrFindResult(), 0.0, math.inf
-    for step, (images, labels) in enumerate(_cycle(loader, steps)):
-        lr = start_lr * (end_lr / start_lr) ** (step / (steps - 1))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        loss = _step(work, opt, loss_fn, rt, rt.to_device(images), labels.to(rt.device))
-        average = BETA * average + (1 - BETA) * loss
-        smooth = average / (1 - BETA ** (step + 1))
-        result.lrs.append(lr)
-        result.losses.append(loss)
-        result.smoothed.append(smooth)
-        if not math.isfinite(smooth):
-            result.stopped = f"loss became {smooth} at lr {lr:.3g}"
-            break
-        best = min(best, smooth)
-        if smooth > DIVERGE * best:
-            result.stopped = f"loss diverged at lr {lr:.3g}"
-            break
+    with contextlib.closing(_cycle(loader, steps)) as batches:  # a break restores the sampler
+        for step, (images, labels) in enumerate(batches):
+            lr = start_lr * (end_lr / start_lr) ** (step / (steps - 1))
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss = _step(work, opt, loss_fn, rt, rt.to_device(images), labels.to(rt.device))
+            average = BETA * average + (1 - BETA) * loss
+            smooth = average / (1 - BETA ** (step + 1))
+            result.lrs.append(lr)
+            result.losses.append(loss)
+            result.smoothed.append(smooth)
+            if not math.isfinite(smooth):
+                result.stopped = f"loss became {smooth} at lr {lr:.3g}"
+                break
+            best = min(best, smooth)
+            if smooth > DIVERGE * best:
+                result.stopped = f"loss diverged at lr {lr:.3g}"
+                break
     result.suggestion = suggest(result.lrs, result.smoothed)
     return result
 
@@ -110,17 +112,22 @@ def _cycle(loader, steps: int):
     """``steps`` batches, going round ``loader`` again (its next epoch) when it runs out."""
     if len(loader) == 0:
         raise CnnkitError("the lr finder got no training batches")
-    done, epoch = 0, 0
-    while True:
-        sampler = getattr(loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        for batch in loader:
-            if done == steps:
-                return
-            yield batch
-            done += 1
-        epoch += 1
+    sampler = getattr(loader, "sampler", None)
+    start = getattr(sampler, "epoch", None)  # put back afterwards: the loader is the caller's
+    done, epoch = 0, start or 0
+    try:
+        while True:
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+            for batch in loader:
+                if done == steps:
+                    return
+                yield batch
+                done += 1
+            epoch += 1
+    finally:
+        if start is not None:
+            sampler.set_epoch(start)
 
 
 def _step(model, opt, loss_fn, rt: Runtime, images, labels) -> float:

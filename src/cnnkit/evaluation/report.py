@@ -102,6 +102,8 @@ def write_report(
     check_run(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir
     history = read_history(run_dir / METRICS_FILE)
+    if getattr(model, "meta", None) is None:
+        raise CnnkitError("write_report needs a model from cnnkit.load_model (it carries .meta)")
     rt = runtime.resolve(RuntimeConfig(device=device))
     model = model.to(rt.device, memory_format=rt.memory_format).eval()
     logits, labels = collect_logits(model, dataset, rt, batch_size, num_workers)
@@ -200,7 +202,10 @@ def _gradcam(figures: Figures, model, dataset, labels, metrics: dict, rt) -> dic
     if not indices:
         return None
     batch = torch.stack([dataset[i][0] for i in indices])
-    cams = compute_cams(model, rt.to_device(batch), autocast=rt.autocast())
+    try:
+        cams = compute_cams(model, rt.to_device(batch), autocast=rt.autocast())
+    except CnnkitError as e:  # e.g. a vision transformer: no feature map; the rest still helps
+        return {"image": None, "note": f"not available: {e}"}
     pre = model.meta["preprocessing"]
     images, captions = [], []
     for j, i in enumerate(indices):
