@@ -177,8 +177,8 @@ def _report_after_training(run_dir: Path, splits, split: str | None, cfg: Config
     from cnnkit.evaluation.report import write_report
 
     dataset = splits.test if split == "test" else splits.val
-    model = load_model(run_dir / MODEL_FILE, device=cfg.runtime.device)
     try:
+        model = load_model(run_dir / MODEL_FILE, device=cfg.runtime.device)
         path = write_report(
             run_dir, model, dataset, split, device=cfg.runtime.device,
             batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,

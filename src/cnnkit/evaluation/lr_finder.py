@@ -7,6 +7,12 @@ bias-corrected exponential moving average; the sweep stops once the smoothed los
 ``DIVERGE`` times its minimum, or is NaN/inf. The suggestion is the lr of the steepest descent of
 the smoothed loss (against log lr), searched only before the minimum (so never in the diverging
 tail) and after the first steps (where the average has not settled).
+
+The average is causal, so it lags the raw loss (by ~50 steps, about 1.5 decades of lr over the
+default 200-step sweep): the suggestion sits to the right of the raw curve's steepest point, as
+fastai's does. A zero-lag (forward-backward) average was tried and rejected: on digits it picked
+lrs 2-3x lower, which train worse with the one-cycle schedule, and on LeNet-5 its steepest point
+was once plain noise at 1e-6.
 """
 
 from __future__ import annotations

@@ -193,8 +193,9 @@ def lr_find_figure(lrs: list[float], losses: list[float], smoothed: list[float],
     if suggestion is not None:
         ax.axvline(suggestion, color="C3", linestyle="--", label=f"suggested lr {suggestion:.2g}")
     finite = [v for v in smoothed if math.isfinite(v)]
+    lowest = min([v for v in [*losses, *finite] if math.isfinite(v)], default=0.0)
     if finite:  # the diverging tail would squash the interesting part of the curve
-        ax.set_ylim(min(finite) * 0.9, min(max(finite), finite[0] * 2.0) * 1.05)
+        ax.set_ylim(lowest * 0.95, min(max(finite), finite[0] * 2.0) * 1.05)
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("training loss")
