@@ -8,11 +8,11 @@ bias-corrected exponential moving average; the sweep stops once the smoothed los
 the smoothed loss (against log lr), searched only before the minimum (so never in the diverging
 tail) and after the first steps (where the average has not settled).
 
-The average is causal, so it lags the raw loss (by ~50 steps, about 1.5 decades of lr over the
-default 200-step sweep): the suggestion sits to the right of the raw curve's steepest point, as
-fastai's does. A zero-lag (forward-backward) average was tried and rejected: on digits it picked
-lrs 2-3x lower, which train worse with the one-cycle schedule, and on LeNet-5 its steepest point
-was once plain noise at 1e-6.
+The average is causal, so it lags the raw loss (a mean delay of 49 steps, 1.7 decades of lr
+over the default sweep): the suggestion sits right of the raw curve's steepest point, as fastai's
+does. A zero-lag (forward-backward) average was tried and rejected: for simple_cnn on digits it
+picked 0.017-0.023 instead of 0.044-0.052 (8 epochs at 0.01-0.03 reach 92-97% test accuracy,
+at 0.03-3 97-98%), and on LeNet-5 its steepest point was once plain noise at 1e-6.
 """
 
 from __future__ import annotations
