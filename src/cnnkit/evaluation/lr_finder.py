@@ -75,12 +75,14 @@ def lr_find(
     work.to(rt.device, memory_format=rt.memory_format).train()
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     result, average, best = LrFindResult(), 0.0, math.inf
+    scaler = rt.grad_scaler()
     with contextlib.closing(_cycle(loader, steps)) as batches:  # a break restores the sampler
         for step, (images, labels) in enumerate(batches):
             lr = start_lr * (end_lr / start_lr) ** (step / (steps - 1))
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss = _step(work, opt, loss_fn, rt, rt.to_device(images), labels.to(rt.device))
+            images, labels = rt.to_device(images), labels.to(rt.device)
+            loss = _step(work, opt, loss_fn, rt, scaler, images, labels)
             average = BETA * average + (1 - BETA) * loss
             smooth = average / (1 - BETA ** (step + 1))
             result.lrs.append(lr)
@@ -136,14 +138,20 @@ def _cycle(loader, steps: int):
             sampler.set_epoch(start)
 
 
-def _step(model, opt, loss_fn, rt: Runtime, images, labels) -> float:
+def _step(model, opt, loss_fn, rt: Runtime, scaler, images, labels) -> float:
+    """One training step; returns its loss. A non-finite loss is recorded but not stepped."""
     with rt.autocast():
         loss = loss_fn(model(images).float(), labels)
+    value = loss.item()
     opt.zero_grad(set_to_none=True)
-    if math.isfinite(loss.item()):
+    if math.isfinite(value) and scaler is not None:  # fp16: scale so gradients do not underflow
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    elif math.isfinite(value):
         loss.backward()
         opt.step()
-    return loss.item()
+    return value
 
 
 def suggest(lrs: list[float], smoothed: list[float]) -> float | None:
