@@ -16,11 +16,13 @@ import torch
 from torch import nn
 
 from cnnkit import __version__, data, models
-from cnnkit.config import Config, RuntimeConfig, from_dict, load
+from cnnkit.config import Config, DataConfig, RuntimeConfig, from_dict, load
+from cnnkit.data.memory import run_loader
 from cnnkit.engine import runtime
 from cnnkit.engine.checkpoint import atomic_write_bytes, load_checkpoint, load_model_file
 from cnnkit.engine.fit import CHECKPOINT, FitResult, fit
 from cnnkit.engine.loop import evaluate as evaluate_loader
+from cnnkit.engine.tuning import auto_batch_size
 from cnnkit.errors import CnnkitError
 from cnnkit.evaluation.metrics import summarize
 
@@ -54,11 +56,18 @@ def train(
     if resume is not None:
         return _resume(Path(resume), stop_after)
     cfg = resolve_config(data_source, config, overrides, **options)
+    _check_batch_size(cfg.data.batch_size)
     runtime.seed_everything(cfg.train.seed)
     splits = data.build(cfg.data, seed=cfg.train.seed)
     model = _build_model(cfg, splits)
     splits = _match_pretrained_normalisation(cfg, splits, model)
-    _resolve_auto_lr(cfg, splits, model)
+    if cfg.data.batch_size == "auto":
+        rt = runtime.resolve(cfg.runtime, cfg.train.deterministic)
+        shape = (splits.in_chans, *splits.input_size)
+        cfg.data.batch_size = auto_batch_size(
+            model, rt, shape, len(splits.classes), len(splits.train)
+        )
+    _resolve_auto_lr(cfg, splits, model)  # after the batch size: the sweep uses it
     run_dir = _new_run_dir(cfg, splits.name)
     return _fit_in(
         run_dir, model, splits, cfg, resume_state=None, stop_after=stop_after, created=True
@@ -116,6 +125,12 @@ def resolve_config(
     return load(None, overrides, base=from_dict(nested, cfg))
 
 
+def _check_batch_size(value) -> None:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return
+    raise CnnkitError(f"data.batch_size must be a positive integer or 'auto', got {value!r}")
+
+
 def _resume(run_dir: Path, stop_after: int | None) -> TrainResult:
     if not run_dir.is_dir():
         raise CnnkitError(f"--resume: run folder not found: {run_dir}")
@@ -164,7 +179,7 @@ def _final_eval(run_dir: Path, splits, cfg: Config) -> tuple[dict | None, str | 
     if dataset is None:
         return None, None
     model = load_model(run_dir / MODEL_FILE, device=cfg.runtime.device)
-    metrics = _score(model, dataset, cfg.data.batch_size, cfg.runtime.device, cfg.data.num_workers)
+    metrics = _score(model, dataset, cfg.data.batch_size, cfg.runtime.device, cfg.data)
     atomic_write_bytes(run_dir / f"{name}_metrics.json", json.dumps(metrics, indent=2).encode())
     return metrics, name
 
@@ -181,7 +196,7 @@ def _report_after_training(run_dir: Path, splits, split: str | None, cfg: Config
         model = load_model(run_dir / MODEL_FILE, device=cfg.runtime.device)
         path = write_report(
             run_dir, model, dataset, split, device=cfg.runtime.device,
-            batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
+            batch_size=cfg.data.batch_size, data_cfg=cfg.data,
         )  # fmt: skip
     except Exception as e:  # noqa: BLE001 - the model is saved; say how to retry
         print(f"note: report not written ({type(e).__name__}: {e}); retry: cnnkit report {run_dir}")
@@ -375,7 +390,7 @@ def evaluate(
     """
     model = load_model(run_or_model, device=device)
     dataset, split = _eval_dataset(run_or_model, model, data_source)
-    metrics = _score(model, dataset, batch_size, device, num_workers)
+    metrics = _score(model, dataset, batch_size, device, DataConfig(num_workers=num_workers))
     metrics["split"] = split
     return metrics
 
@@ -402,7 +417,7 @@ def report(
     dataset, split = _eval_dataset(run_dir, model, data_source)
     return write_report(
         run_dir, model, dataset, split, out_dir=out_dir, device=device,
-        batch_size=batch_size, num_workers=num_workers,
+        batch_size=batch_size, data_cfg=DataConfig(num_workers=num_workers),
     )  # fmt: skip
 
 
@@ -428,12 +443,20 @@ def _own_split(run_dir: Path):
     )
 
 
-def _score(
-    model: nn.Module, dataset, batch_size: int, device: str, num_workers: int | None
-) -> dict:
+def _score(model: nn.Module, dataset, batch_size: int, device: str, data_cfg: DataConfig) -> dict:
     rt = runtime.resolve(RuntimeConfig(device=device))
     model = model.to(rt.device, memory_format=rt.memory_format)
-    loader = data.make_loader(dataset, batch_size, train=False, seed=0, num_workers=num_workers)
+    loader = run_loader(
+        dataset,
+        model.meta["preprocessing"],
+        None,
+        data_cfg,
+        batch_size,
+        train=False,
+        seed=0,
+        device=rt.device,
+        memory_format=rt.memory_format,
+    )
     classes = model.meta["classes"]
     raw = evaluate_loader(model, loader, rt, len(classes))
     return summarize(raw, classes)

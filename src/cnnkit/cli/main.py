@@ -45,18 +45,38 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _typer_errors() -> tuple[tuple, tuple, tuple]:
+    """(exit, usage error, abort) exception classes: click's and, since Typer 0.25 vendors its
+    own copy of click, Typer's."""
+    exits, usage, aborts = [click.exceptions.Exit], [click.ClickException], [click.Abort]
+    exits.append(getattr(typer, "Exit", click.exceptions.Exit))
+    aborts.append(getattr(typer, "Abort", click.Abort))
+    try:
+        from typer._click.exceptions import ClickException as TyperClickException
+
+        usage.append(TyperClickException)
+    except ImportError:
+        pass
+    return tuple(set(exits)), tuple(set(usage)), tuple(set(aborts))
+
+
+EXIT_ERRORS, USAGE_ERRORS, ABORT_ERRORS = _typer_errors()
+
+
 def run(argv: list[str]) -> int:
     from cnnkit.errors import CnnkitError
 
     debug = "--debug" in argv
+    if argv[:1] == ["--debug"]:  # also accepted before the verb
+        argv = argv[1:]
     try:
         app(args=argv, prog_name="cnnkit", standalone_mode=False)
-    except click.exceptions.Exit as e:
+    except EXIT_ERRORS as e:
         return e.exit_code
-    except click.ClickException as e:
+    except USAGE_ERRORS as e:
         e.show()
         return 2
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, *ABORT_ERRORS):
         print("\ninterrupted", file=sys.stderr)
         return 130
     except CnnkitError as e:

@@ -33,7 +33,10 @@ def train(
         ),
     ] = None,
     epochs: Annotated[int | None, typer.Option(help="Number of epochs.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per step.")] = None,
+    batch_size: Annotated[
+        str | None,
+        typer.Option(help="Images per step, or auto (measured for this machine and model)."),
+    ] = None,
     lr: Annotated[
         str | None,
         typer.Option(help="Peak learning rate, or 'auto' to take the lr finder's suggestion."),
@@ -88,7 +91,7 @@ def train(
             overrides=overrides,
             model=model,
             epochs=epochs,
-            batch_size=batch_size,
+            batch_size=_batch_size(batch_size),
             lr=_parse_lr(lr),
             seed=seed,
             name=name,
@@ -103,6 +106,17 @@ def train(
             report=None if report else False,
         )
     _summary(result)
+
+
+def _batch_size(value: str | None) -> int | str | None:
+    if value is None or value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise typer.BadParameter(
+            f"'{value}' is not a whole number or auto", param_hint="--batch-size"
+        ) from None
 
 
 def _parse_lr(text: str | None) -> float | str | None:

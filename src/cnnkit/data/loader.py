@@ -55,7 +55,8 @@ class EpochSampler(Sampler):
     def __len__(self) -> int:
         return -(-self.size // self.world_size)  # ceil
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def indices(self) -> list[int]:
+        """This rank's dataset indices for the current epoch, in order."""
         if self.shuffle:
             generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
             order = torch.randperm(self.size, generator=generator).tolist()
@@ -64,7 +65,10 @@ class EpochSampler(Sampler):
         if self.world_size > 1:
             order += order[: len(self) * self.world_size - self.size]
             order = order[self.rank :: self.world_size]
-        return iter([(index, self.epoch) for index in order])
+        return order
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter([(index, self.epoch) for index in self.indices()])
 
 
 class SeededDataset(Dataset):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from cnnkit.config import Config
-from cnnkit.data import make_loader
+from cnnkit.data.memory import run_loader
 from cnnkit.data.transforms import batch_mix
 from cnnkit.engine import runtime
 from cnnkit.engine.callbacks import BestTracker, Ema, MetricsLog, Progress
@@ -58,9 +58,11 @@ def fit(
     rt = runtime.resolve(cfg.runtime, tc.deterministic)
     model = model.to(rt.device, memory_format=rt.memory_format)
     num_classes = len(splits.classes)
+    progress = Progress(tc.progress, tc.epochs)
+    train_loader = _loader(splits, splits.train, cfg, rt, progress.message)
+    has_val = splits.val is not None
+    val_loader = _loader(splits, splits.val, cfg, rt, progress.message) if has_val else None
 
-    train_loader = _loader(splits.train, cfg, rt, train=True)
-    val_loader = _loader(splits.val, cfg, rt, train=False) if splits.val is not None else None
     optimizer = create_optimizer(model, cfg.optim, cfg.data.batch_size)
     scheduler = create_scheduler(optimizer, cfg.optim, tc.epochs, len(train_loader))
     per_step = cfg.optim.scheduler not in EPOCH_SCHEDULERS
@@ -72,10 +74,12 @@ def fit(
         grad_clip=tc.grad_clip,
         mix=batch_mix(cfg.data, num_classes),
         ema=Ema(model, tc.ema_decay) if tc.ema else None,
+        note=progress.message,
     )
+    # the compiled wrapper shares the parameters; state dicts are always taken from ``model``
+    train_model = torch.compile(model) if rt.compile else model
     tracker = BestTracker(tc.monitor, tc.patience)
     log = MetricsLog(run_dir, tc.tensorboard)
-    progress = Progress(tc.progress, tc.epochs)
     start = _restore(resume, model, tools, scheduler, tracker, log) if resume else 0
     progress.message(
         f"training {model_meta['arch']} on {splits.name}: "
@@ -90,7 +94,9 @@ def fit(
             train_loader.sampler.set_epoch(epoch)
             lr = optimizer.param_groups[0]["lr"]
             progress.start_epoch(epoch, len(train_loader))
-            train = train_one_epoch(model, train_loader, tools, rt, progress.step)
+            train = train_one_epoch(train_model, train_loader, tools, rt, progress.step)
+            if rt.compile and epoch == start:
+                progress.message(f"compile warm-up: {train['first_step']:.1f} s (first step)")
             eval_model = tools.ema.module if tools.ema is not None else model
             val = evaluate(eval_model, val_loader, rt, num_classes) if val_loader else None
             row = _row(epoch, train, val, lr)
@@ -125,14 +131,20 @@ def fit(
     )
 
 
-def _loader(dataset, cfg: Config, rt: runtime.Runtime, train: bool):
-    return make_loader(
+def _loader(splits, dataset, cfg: Config, rt: runtime.Runtime, note):
+    """In-memory batches augmented on the device when the split fits, else a DataLoader."""
+    train = dataset is splits.train
+    return run_loader(
         dataset,
+        splits.preprocessing,
+        splits.augment if train else None,
+        cfg.data,
         cfg.data.batch_size,
         train=train,
         seed=cfg.train.seed,
-        num_workers=cfg.data.num_workers,
-        pin_memory=rt.device.type == "cuda",
+        device=rt.device,
+        memory_format=rt.memory_format,
+        note=note,
     )
 
 

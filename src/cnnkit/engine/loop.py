@@ -1,7 +1,11 @@
 """One epoch of training and one pass of evaluation, written out explicitly.
 
 Metrics are summed on the device and read once at the end (a ``.item()`` per step would force a
-host sync per step on a GPU); the progress display reads them only every ``REFRESH_STEPS`` steps.
+host sync per step on a GPU); the progress display reads them at most every ``REFRESH_SECONDS``.
+
+Out of GPU memory in the middle of a run (a larger batch of images, fragmentation) does not end
+it: the step is redone as 2, 4, ... micro-batches whose gradients add up to the same batch's
+(gradient accumulation), and the run keeps that split from then on.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ import torch
 from torch import nn
 
 from cnnkit.engine.runtime import Runtime
+from cnnkit.errors import CnnkitError
 
-REFRESH_STEPS = 10  # progress refresh interval: reading the running loss costs a device sync
+REFRESH_SECONDS = 1.0  # progress refresh interval: reading the running loss costs a device sync
 
 
 @dataclass
@@ -29,6 +34,8 @@ class StepTools:
     grad_clip: float | None = None
     mix: Callable | None = None  # (images, labels) -> (images, soft labels): MixUp/CutMix
     ema: object | None = None  # has .update(model)
+    accum: int = 1  # micro-batches per step; doubled when a step runs out of GPU memory
+    note: Callable[[str], None] = print
 
 
 def train_one_epoch(
@@ -43,13 +50,18 @@ def train_one_epoch(
     loss_sum = torch.zeros((), device=rt.device)
     correct = torch.zeros((), device=rt.device, dtype=torch.long)
     seen, start = 0, time.perf_counter()
+    first_step, last_refresh = None, start
     for step, (images, labels) in enumerate(loader):
         images, labels = rt.to_device(images), labels.to(rt.device, non_blocking=True)
         loss, logits = _train_step(model, images, labels, tools, rt)
         loss_sum += loss.detach() * labels.shape[0]
         correct += (logits.detach().argmax(1) == labels).sum()
         seen += labels.shape[0]
-        if progress is not None and (step + 1) % REFRESH_STEPS == 0:
+        now = time.perf_counter()
+        if first_step is None:
+            first_step = now - start  # includes compilation when the model is compiled
+        if progress is not None and now - last_refresh >= REFRESH_SECONDS:
+            last_refresh = now
             progress(
                 step + 1,
                 {
@@ -66,25 +78,40 @@ def train_one_epoch(
         "acc": correct.item() / seen,
         "images": seen,
         "seconds": seconds,
+        "first_step": first_step or 0.0,
     }
 
 
 def _train_step(model, images, labels, tools: StepTools, rt: Runtime):
+    """One optimizer step on the batch; on out-of-memory, retried in twice as many pieces."""
     targets = labels
     if tools.mix is not None:
         images, targets = tools.mix(images, labels)
-    with rt.autocast():
-        logits = model(images)  # (B, num_classes)
-        loss = tools.loss_fn(logits.float(), targets)
-    tools.optimizer.zero_grad(set_to_none=True)
+    while True:
+        try:
+            loss, logits = _forward_backward(model, images, targets, tools, rt)
+            break
+        except torch.OutOfMemoryError:
+            tools.optimizer.zero_grad(set_to_none=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if tools.accum >= images.shape[0]:
+                raise CnnkitError(
+                    "out of GPU memory even with one image per micro-batch; use a smaller model "
+                    "or input size"
+                ) from None
+            tools.accum = min(tools.accum * 2, images.shape[0])
+            tools.note(
+                f"note: out of GPU memory at {images.shape[0]} images per step; continuing "
+                f"with {tools.accum} micro-batches of ~{-(-images.shape[0] // tools.accum)} "
+                "(same effective batch)"
+            )
     if tools.scaler is not None:
-        tools.scaler.scale(loss).backward()
         tools.scaler.unscale_(tools.optimizer)
         _clip(model, tools.grad_clip)
         tools.scaler.step(tools.optimizer)
         tools.scaler.update()
     else:
-        loss.backward()
         _clip(model, tools.grad_clip)
         tools.optimizer.step()
     if tools.scheduler is not None:
@@ -92,6 +119,36 @@ def _train_step(model, images, labels, tools: StepTools, rt: Runtime):
     if tools.ema is not None:
         tools.ema.update(model)
     return loss, logits
+
+
+def _forward_backward(model, images, targets, tools: StepTools, rt: Runtime):
+    """Gradients of the batch's mean loss, in ``tools.accum`` micro-batches; (loss, logits)."""
+    tools.optimizer.zero_grad(set_to_none=True)
+    if tools.accum == 1:
+        with rt.autocast():
+            logits = model(images)  # (B, num_classes)
+            loss = tools.loss_fn(logits.float(), targets)
+        _backward(loss, tools)
+        return loss, logits
+    total = images.shape[0]
+    losses, all_logits = [], []
+    for part, part_targets in zip(
+        images.chunk(tools.accum), targets.chunk(tools.accum), strict=True
+    ):
+        with rt.autocast():
+            logits = model(part)
+            loss = tools.loss_fn(logits.float(), part_targets) * (part.shape[0] / total)
+        _backward(loss, tools)
+        losses.append(loss.detach())
+        all_logits.append(logits.detach())
+    return torch.stack(losses).sum(), torch.cat(all_logits)
+
+
+def _backward(loss: torch.Tensor, tools: StepTools) -> None:
+    if tools.scaler is not None:
+        tools.scaler.scale(loss).backward()
+    else:
+        loss.backward()
 
 
 def _clip(model: nn.Module, max_norm: float | None) -> None:

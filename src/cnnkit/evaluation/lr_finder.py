@@ -173,18 +173,21 @@ def suggest(lrs: list[float], smoothed: list[float]) -> float | None:
 def lr_find_for_config(model: nn.Module, splits, cfg, steps: int = STEPS) -> LrFindResult:
     """The sweep a run of ``cfg`` would see: its training split with its augmentation, batch
     size, optimizer (momentum, weight decay), label smoothing, device and precision."""
-    from cnnkit.data import make_loader
+    from cnnkit.data.memory import run_loader
     from cnnkit.engine import runtime
     from cnnkit.engine.optim import create_optimizer
 
     rt = runtime.resolve(cfg.runtime)
-    loader = make_loader(
+    loader = run_loader(
         splits.train,
+        splits.preprocessing,
+        splits.augment,
+        cfg.data,
         cfg.data.batch_size,
         train=True,
         seed=cfg.train.seed,
-        num_workers=cfg.data.num_workers,
-        pin_memory=rt.device.type == "cuda",
+        device=rt.device,
+        memory_format=rt.memory_format,
     )
     optim_cfg = dataclasses.replace(cfg.optim, lr=START_LR)
     optimizer = create_optimizer(model, optim_cfg, cfg.data.batch_size)

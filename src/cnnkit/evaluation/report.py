@@ -27,7 +27,7 @@ import yaml
 from torch import nn
 
 from cnnkit import __version__
-from cnnkit.config import RuntimeConfig
+from cnnkit.config import DataConfig, RuntimeConfig
 from cnnkit.engine import runtime
 from cnnkit.engine.checkpoint import atomic_write_bytes
 from cnnkit.errors import CnnkitError
@@ -93,10 +93,13 @@ def write_report(
     out_dir: str | Path | None = None,
     device: str = "auto",
     batch_size: int = 256,
-    num_workers: int | None = None,
+    data_cfg: DataConfig | None = None,
 ) -> Path:
     """Score ``model`` (from ``cnnkit.load_model``) on ``dataset`` and write the report of the
-    run in ``run_dir`` into ``out_dir`` (default: the run folder); returns the HTML's path."""
+    run in ``run_dir`` into ``out_dir`` (default: the run folder); returns the HTML's path.
+
+    ``data_cfg``: loader settings (workers, decode cache); default ``DataConfig()``.
+    """
     started = time.perf_counter()
     run_dir = Path(run_dir)
     check_run(run_dir)
@@ -106,7 +109,7 @@ def write_report(
         raise CnnkitError("write_report needs a model from cnnkit.load_model (it carries .meta)")
     rt = runtime.resolve(RuntimeConfig(device=device))
     model = model.to(rt.device, memory_format=rt.memory_format).eval()
-    logits, labels = collect_logits(model, dataset, rt, batch_size, num_workers)
+    logits, labels = collect_logits(model, dataset, rt, batch_size, data_cfg or DataConfig())
     meta = model.meta
     metrics = from_logits(logits, labels, meta["classes"])
     figures = Figures()
@@ -135,11 +138,15 @@ def write_report(
 
 
 @torch.inference_mode()
-def collect_logits(model: nn.Module, dataset, rt, batch_size: int, num_workers: int | None):
+def collect_logits(model: nn.Module, dataset, rt, batch_size: int, data_cfg: DataConfig):
     """(logits (N, K) float32, labels (N,)) on the CPU, in dataset order."""
-    from cnnkit.data import make_loader
+    from cnnkit.data.memory import run_loader
 
-    loader = make_loader(dataset, batch_size, train=False, seed=0, num_workers=num_workers)
+    pre = model.meta["preprocessing"]
+    loader = run_loader(
+        dataset, pre, None, data_cfg, batch_size, train=False, seed=0, device=rt.device,
+        memory_format=rt.memory_format,
+    )  # fmt: skip
     outputs, targets = [], []
     for images, labels in loader:
         with rt.autocast():
