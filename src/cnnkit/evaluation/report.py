@@ -38,6 +38,7 @@ from cnnkit.evaluation.metrics import from_logits
 REPORT_FILE = "report.html"
 METRICS_FILE = "metrics.csv"
 MODEL_FILE = "model.safetensors"
+FIGURE_NAMES = {"curves.png", "confusion.png", "reliability.png", "mistakes.png", "gradcam.png"}
 MISTAKES = 18  # most confidently wrong images shown
 CAM_CLASSES = 12  # classes with Grad-CAM overlays (the worst by F1 when there are more)
 CAM_PER_CLASS = 2
@@ -133,6 +134,8 @@ def write_report(
     html = render(context, figures)
     for name, data in figures.png.items():
         atomic_write_bytes(out / name, data)
+    for stale in FIGURE_NAMES - figures.png.keys():  # e.g. mistakes.png once nothing is wrong
+        (out / stale).unlink(missing_ok=True)
     atomic_write_bytes(out / REPORT_FILE, html.encode())
     return out / REPORT_FILE
 
