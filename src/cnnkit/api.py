@@ -87,6 +87,7 @@ def train(
         shape = (splits.in_chans, *splits.input_size)
         size = auto_batch_size(model, rt, shape, len(splits.classes), len(splits.train))
         cfg.data.batch_size = distributed.broadcast(size)  # every process steps alike
+    _resolve_auto_lr(cfg, splits, model)  # after the batch size: the sweep uses it
     run_dir = _shared_run_dir(cfg, splits.name, dd)
     return _fit_in(
         run_dir, model, splits, cfg, resume_state=None, stop_after=stop_after, created=True
@@ -116,6 +117,7 @@ SHORTCUTS = {  # option name -> config key, for train(...) keywords and CLI flag
     "skip_bad": "data.skip_bad",
     "balance": "train.balance",
     "nan_policy": "train.nan_policy",
+    "report": "train.report",
 }
 # Keys a resumed run may change without losing exactness (they do not touch the numbers).
 RESUME_SAFE = frozenset(
@@ -273,6 +275,8 @@ def _fit_in(
             print(f"\ninterrupted; continue with: cnnkit train --resume {run_dir}")
         raise
     test, split_name = _final_eval(run_dir, splits, cfg) if main else (None, None)
+    if cfg.train.report and main:
+        _report_after_training(run_dir, splits, split_name, cfg)
     distributed.barrier()
     return TrainResult(run_dir=run_dir, fit=result, test=test, test_split=split_name)
 
@@ -293,6 +297,47 @@ def _final_eval(run_dir: Path, splits, cfg: Config) -> tuple[dict | None, str | 
     metrics = _score(model, dataset, cfg.data.batch_size, cfg.runtime.device, cfg.data)
     atomic_write_bytes(run_dir / f"{name}_metrics.json", json.dumps(metrics, indent=2).encode())
     return metrics, name
+
+
+def _report_after_training(run_dir: Path, splits, split: str | None, cfg: Config) -> None:
+    """report.html and its figures; a failure here must not cost the user the trained run."""
+    if split is None:
+        print("note: no test or validation split to report on; no report.html written")
+        return
+    from cnnkit.evaluation.report import write_report
+
+    dataset = splits.test if split == "test" else splits.val
+    try:
+        model = load_model(run_dir / MODEL_FILE, device=cfg.runtime.device)
+        path = write_report(
+            run_dir, model, dataset, split, device=cfg.runtime.device,
+            batch_size=cfg.data.batch_size, data_cfg=cfg.data,
+        )  # fmt: skip
+    except Exception as e:  # noqa: BLE001 - the model is saved; say how to retry
+        print(f"note: report not written ({type(e).__name__}: {e}); retry: cnnkit report {run_dir}")
+        return
+    print(f"report: {path}")
+
+
+def _resolve_auto_lr(cfg: Config, splits, model: nn.Module) -> None:
+    """``optim.lr: auto``: run the lr finder on a copy of the model and train with its
+    suggestion; the config saved with the run holds the number, so a resume reuses it."""
+    lr = cfg.optim.lr
+    if not isinstance(lr, str):
+        return
+    if lr != "auto":
+        raise CnnkitError(f"optim.lr must be a number or 'auto', got '{lr}'")
+    from cnnkit.evaluation.lr_finder import lr_find_for_config
+
+    found = lr_find_for_config(model, splits, cfg)
+    if found.suggestion is None:
+        raise CnnkitError(
+            f"lr finder found no lr where the loss falls ({found.stopped}); set --lr yourself"
+        )
+    cfg.optim.lr = float(f"{found.suggestion:.3g}")
+    print(
+        f"lr finder: suggested lr {cfg.optim.lr:g} ({found.stopped} after {len(found.lrs)} steps)"
+    )
 
 
 def _build_model(cfg: Config, splits, load_weights: bool = True) -> nn.Module:
@@ -459,14 +504,44 @@ def evaluate(
     no test split); that needs a run folder, not a bare model file.
     """
     model = load_model(run_or_model, device=device)
-    if data_source is not None:
-        dataset = data.build_eval(data_source, model.meta["classes"], model.meta["preprocessing"])
-        split = str(data_source)
-    else:
-        dataset, split = _own_split(Path(run_or_model))
+    dataset, split = _eval_dataset(run_or_model, model, data_source)
     metrics = _score(model, dataset, batch_size, device, DataConfig(num_workers=num_workers))
     metrics["split"] = split
     return metrics
+
+
+def report(
+    run_dir: str | Path,
+    data_source: str | None = None,
+    *,
+    out_dir: str | Path | None = None,
+    batch_size: int = 256,
+    device: str = "auto",
+    num_workers: int | None = None,
+) -> Path:
+    """(Re)build a run's ``report.html`` and PNG figures; returns the HTML's path.
+
+    Scored on ``data_source`` when given, else on the run's own test (else val) split; written
+    to ``out_dir`` (default: the run folder).
+    """
+    from cnnkit.evaluation.report import check_run, write_report
+
+    run_dir = Path(run_dir)
+    check_run(run_dir)
+    model = load_model(run_dir, device=device)
+    dataset, split = _eval_dataset(run_dir, model, data_source)
+    return write_report(
+        run_dir, model, dataset, split, out_dir=out_dir, device=device,
+        batch_size=batch_size, data_cfg=DataConfig(num_workers=num_workers),
+    )  # fmt: skip
+
+
+def _eval_dataset(run_or_model: str | Path, model: nn.Module, data_source: str | None):
+    """(dataset, split name): ``data_source`` mapped to the model's classes, else the run's own."""
+    if data_source is not None:
+        meta = model.meta
+        return data.build_eval(data_source, meta["classes"], meta["preprocessing"]), data_source
+    return _own_split(Path(run_or_model))
 
 
 def _own_split(run_dir: Path):
@@ -500,6 +575,26 @@ def _score(model: nn.Module, dataset, batch_size: int, device: str, data_cfg: Da
     classes = model.meta["classes"]
     raw = evaluate_loader(model, loader, rt, len(classes))
     return summarize(raw, classes)
+
+
+def lr_find(
+    data_source: str | None = None,
+    *,
+    config: str | Path | Config | dict | None = None,
+    overrides: list[str] | None = None,
+    steps: int = 200,
+    **options,
+):
+    """Sweep the learning rate for the run these arguments (as for ``train``) describe; returns
+    an ``LrFindResult`` (lrs, losses, smoothed losses, ``suggestion``, ``figure()``)."""
+    from cnnkit.evaluation.lr_finder import lr_find_for_config
+
+    cfg = resolve_config(data_source, config, overrides, **options)
+    runtime.seed_everything(cfg.train.seed)
+    splits = data.build(cfg.data, seed=cfg.train.seed)
+    model = _build_model(cfg, splits)
+    splits = _match_pretrained_normalisation(cfg, splits, model)
+    return lr_find_for_config(model, splits, cfg, steps=steps)
 
 
 def predict(

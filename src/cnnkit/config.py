@@ -62,7 +62,8 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     name: str = "sgd"  # sgd (Nesterov) | adamw
-    lr: float | None = None  # None: 0.1 per 256 images for sgd, 1e-3 per 256 images for adamw
+    lr: float | str | None = None  # None: 0.1 per 256 images for sgd, 1e-3 for adamw;
+    # "auto": the lr finder's suggestion (cnnkit.evaluation.lr_finder), saved as a number
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float | None = None  # None: 5e-4 for sgd, 0.05 for adamw; never on norm/bias
@@ -93,6 +94,7 @@ class TrainConfig:
     balance: str = "auto"  # sampler | loss | none | auto (sampler when classes are imbalanced)
     nan_policy: str = "stop"  # stop | skip: what a non-finite loss does
     nan_limit: int = 10  # skip: stop anyway after this many skipped steps in a run
+    report: bool = True  # write report.html and its PNG figures at the end of training
 
 
 @dataclass

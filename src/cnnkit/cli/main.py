@@ -13,9 +13,12 @@ import typer
 
 from cnnkit.cli import doctor as doctor_cmd
 from cnnkit.cli import eval as eval_cmd
+from cnnkit.cli import explain as explain_cmd
+from cnnkit.cli import lr_find as lr_find_cmd
 from cnnkit.cli import models as models_cmd
 from cnnkit.cli import predict as predict_cmd
 from cnnkit.cli import shard as shard_cmd
+from cnnkit.cli import report as report_cmd
 from cnnkit.cli import train as train_cmd
 
 app = typer.Typer(
@@ -32,6 +35,9 @@ app.command("predict")(predict_cmd.predict)
 app.command("models")(models_cmd.models)
 app.command("shard")(shard_cmd.shard)
 app.command("doctor")(doctor_cmd.doctor)
+app.command("report")(report_cmd.report)
+app.command("explain")(explain_cmd.explain)
+app.command("lr-find")(lr_find_cmd.lr_find)
 
 
 def main(argv: list[str] | None = None) -> int:

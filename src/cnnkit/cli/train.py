@@ -37,7 +37,10 @@ def train(
         str | None,
         typer.Option(help="Images per step, or auto (measured for this machine and model)."),
     ] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    lr: Annotated[
+        str | None,
+        typer.Option(help="Peak learning rate, or 'auto' to take the lr finder's suggestion."),
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     name: Annotated[str | None, typer.Option(help="Run folder name under runs/.")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML config file.")] = None,
@@ -91,6 +94,9 @@ def train(
         typer.Option(help="With --resume: continue with another number of processes."),
     ] = False,
     quiet: Annotated[bool, typer.Option(help="Plain log lines instead of a progress bar.")] = False,
+    report: Annotated[
+        bool, typer.Option(help="Write report.html and figures at the end (train.report).")
+    ] = True,
     debug: Annotated[bool, DEBUG] = False,
 ) -> None:
     """Train a classifier; everything it writes goes to runs/<name>/."""
@@ -100,7 +106,7 @@ def train(
     if nproc is not None:
         _launch(nproc)
         return
-    data, overrides = _split_positionals(data, overrides or [])
+    data, overrides = split_positionals(data, overrides or [])
     if resume is not None:
         options = dict(data=data, model=model, config=config, batch_size=batch_size)
         given = [k for k, v in options.items() if v is not None]
@@ -130,7 +136,7 @@ def train(
             batch_size=_batch_size(batch_size),
             val=val,
             test=test,
-            lr=lr,
+            lr=_parse_lr(lr),
             seed=seed,
             name=name,
             pretrained=pretrained or None,
@@ -144,6 +150,7 @@ def train(
             skip_bad=skip_bad or None,
             balance=balance,
             nan_policy=nan_policy,
+            report=None if report else False,
         )
     if distributed.current().main:
         _summary(result)
@@ -213,7 +220,18 @@ def _batch_size(value: str | None) -> int | str | None:
         ) from None
 
 
-def _split_positionals(data: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+def _parse_lr(text: str | None) -> float | str | None:
+    if text is None or text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise typer.BadParameter(
+            f"must be a number or 'auto', got '{text}'", param_hint="--lr"
+        ) from None
+
+
+def split_positionals(data: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
     """``cnnkit train optim.lr=0.1``: a first positional that is an override is not DATA."""
     if data is not None and "=" in data and not Path(data).exists():
         return None, [data, *overrides]
