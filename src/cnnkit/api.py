@@ -88,6 +88,7 @@ def train(
         size = auto_batch_size(model, rt, shape, len(splits.classes), len(splits.train))
         cfg.data.batch_size = distributed.broadcast(size)  # every process steps alike
     _resolve_auto_lr(cfg, splits, model)  # after the batch size: the sweep uses it
+    cfg.optim.lr = distributed.broadcast(cfg.optim.lr)  # rank 0's sweep decides for all
     run_dir = _shared_run_dir(cfg, splits.name, dd)
     return _fit_in(
         run_dir, model, splits, cfg, resume_state=None, stop_after=stop_after, created=True

@@ -17,8 +17,8 @@ from cnnkit.cli import explain as explain_cmd
 from cnnkit.cli import lr_find as lr_find_cmd
 from cnnkit.cli import models as models_cmd
 from cnnkit.cli import predict as predict_cmd
-from cnnkit.cli import shard as shard_cmd
 from cnnkit.cli import report as report_cmd
+from cnnkit.cli import shard as shard_cmd
 from cnnkit.cli import train as train_cmd
 
 app = typer.Typer(
