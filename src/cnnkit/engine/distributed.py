@@ -62,8 +62,22 @@ def init(device: str = "auto") -> Dist:
         use_cuda = torch.cuda.is_available() and not str(device).startswith("cpu")
         if use_cuda:
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=TIMEOUT)
+        backend = "nccl" if use_cuda else "gloo"
+        dist.init_process_group(
+            backend, store=_attempt_store(rank, world), rank=rank, world_size=world, timeout=TIMEOUT
+        )
     return Dist(rank=rank, world_size=world, local_rank=local_rank)
+
+
+def _attempt_store(rank: int, world: int):
+    """torchrun's store under a prefix of this restart attempt. After ``--max-restarts`` starts
+    the group again, the store can still hold the previous attempt's addresses; a peer that
+    reads a dead process's address fails to connect ("Connection refused")."""
+    from torch.distributed.rendezvous import _create_c10d_store
+
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    store = _create_c10d_store(addr, port, rank, world, TIMEOUT)
+    return dist.PrefixStore(f"cnnkit/attempt-{restart_count()}", store)
 
 
 def current() -> Dist:
