@@ -11,9 +11,12 @@ import sys
 import click
 import typer
 
+from cnnkit.cli import bench as bench_cmd
 from cnnkit.cli import eval as eval_cmd
+from cnnkit.cli import export as export_cmd
 from cnnkit.cli import models as models_cmd
 from cnnkit.cli import predict as predict_cmd
+from cnnkit.cli import serve as serve_cmd
 from cnnkit.cli import train as train_cmd
 
 app = typer.Typer(
@@ -28,6 +31,9 @@ app.command("train")(train_cmd.train)
 app.command("eval")(eval_cmd.eval_)
 app.command("predict")(predict_cmd.predict)
 app.command("models")(models_cmd.models)
+app.command("export")(export_cmd.export)
+app.command("bench")(bench_cmd.bench)
+app.command("serve")(serve_cmd.serve)
 
 
 def main(argv: list[str] | None = None) -> int:
