@@ -13,9 +13,10 @@ activations, MinMax ranges from training images). Weights use 7 bits (``reduce_r
 without VNNI (this one: AVX2 only) multiply u8 x s8 with an instruction whose 16-bit sums saturate,
 which cost a digits model 39% top-1 agreement; with 7-bit weights it keeps >= 99%.
 
-PyTorch's PT2E X86 quantizer was the other candidate; it left torch for the separate torchao package and needs torch.compile to reach its
-int8 kernels, while ORT int8 ran resnet20 at 2.4x eager fp32 on this AVX2 CPU (3408 vs 1417
-images/s, batch 64, 2 threads); see benchmarks/bench_export.py for the measurement.
+PyTorch's PT2E X86 quantizer was the other candidate. It is no longer in torch (2.14 here: it
+moved to the separate torchao package) and reaches int8 kernels only through torch.compile, while
+ORT int8 ran resnet20 at 2.4x eager fp32 on this AVX2 CPU without any compiler (batch 64, 2 threads;
+benchmarks/bench_export.py measures it), so ORT it is.
 """
 
 from __future__ import annotations
@@ -203,12 +204,15 @@ def write_onnx(model: nn.Module, path: Path) -> None:
 
 
 def write_torchscript(model: nn.Module, path: Path) -> None:
-    """A traced TorchScript archive with the metadata as an extra file (loads in LibTorch)."""
+    """A traced TorchScript archive with the metadata as an extra file (loads in LibTorch).
+
+    torch marks TorchScript deprecated in favour of torch.export, but TorchScript is still what
+    LibTorch (C++) and mobile runtimes load; its FutureWarnings are silenced here and on load."""
     example = torch.zeros(1, *_input_shape(model.meta))
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(model, example)
-    torch.jit.save(traced, str(path), _extra_files={TORCHSCRIPT_META: _meta_json(model.meta)})
+        torch.jit.save(traced, str(path), _extra_files={TORCHSCRIPT_META: _meta_json(model.meta)})
 
 
 def write_int8(model: nn.Module, path: Path, calibration) -> str:

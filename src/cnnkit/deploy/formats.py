@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -126,7 +127,9 @@ class TorchScriptModel(nn.Module):
         super().__init__()
         extra = {TORCHSCRIPT_META: ""}
         try:
-            self.module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # see export.write_torchscript
+                self.module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
         except Exception as e:  # noqa: BLE001 - torch.jit raises several types
             raise CnnkitError(f"cannot load TorchScript model {path}: {e}") from None
         if not extra[TORCHSCRIPT_META]:
