@@ -132,7 +132,7 @@ class _Server:
         work.add_done_callback(self._release)
         try:
             return await asyncio.wait_for(asyncio.shield(work), self.cfg.timeout_s)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not yet the builtin TimeoutError on Python 3.10
             return error(504, f"no answer within {self.cfg.timeout_s:g} s; try a smaller image")
 
     def _release(self, work: asyncio.Future) -> None:
