@@ -62,12 +62,24 @@ def random_model_file(name: str, side: int, folder: Path) -> Path:
 
 
 def int8_accuracy(run: Path) -> None:
-    from cnnkit.deploy.export import export
+    """`cnnkit export --format int8` on the run, then fp32 vs int8 accuracy on its test split.
 
-    result = export(run / "model.safetensors", "int8")
-    print(f"int8 export of {run}: {result.parity.describe()}")
-    fp32 = cnnkit.evaluate(run / "model.safetensors", device="cpu")
-    int8 = cnnkit.evaluate(result.path, device="cpu")
+    When the export's parity gate refuses (top-1 agreement < 99%), the same int8 model is
+    written without the gate, so the accuracy change is still measured and printed."""
+    from cnnkit.deploy.export import export, parity_data, write_int8
+    from cnnkit.errors import CnnkitError
+
+    source = run / "model.safetensors"
+    try:
+        path = export(source, "int8").path
+        print(f"int8 export passed its parity check: {path}")
+    except CnnkitError as e:
+        print(f"int8 export refused: {e}")
+        model = cnnkit.load_model(source)
+        path = run / "model.int8-ungated.onnx"
+        write_int8(model, path, parity_data(source, model.meta, None).calibration)
+    fp32 = cnnkit.evaluate(source, device="cpu")
+    int8 = cnnkit.evaluate(path, device="cpu")
     change = 100 * (int8["acc"] - fp32["acc"])
     print(
         f"{fp32['split']} split ({fp32['images']} images): fp32 acc {fp32['acc']:.4f}, "

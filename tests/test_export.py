@@ -105,9 +105,12 @@ def test_model_outside_its_run_needs_data(digits_model, tmp_path, capsys):
     shutil.copy(digits_model, lone)
     code, out, err = cli(capsys, "export", lone, "--format", "onnx")
     assert code == 2 and "--data" in err
-    code, out, err = cli(capsys, "export", lone, "--format", "onnx", "--data", "digits")
+    code, out, err = cli(
+        capsys, *("export", lone, "--format", "onnx", "--data", "digits"), "--max-val-images", "50"
+    )
     assert code == 0, err
     assert (tmp_path / "model.onnx").is_file()
+    assert "100.00% on 50 validation images" in out
 
 
 def test_bad_format_and_suffix(digits_model, tmp_path, capsys):
