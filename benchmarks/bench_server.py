@@ -64,7 +64,7 @@ def images(side: int, count: int = 64) -> list[bytes]:
     return out
 
 
-async def load(url: str, bodies: list[bytes], clients: int, per_client: int) -> dict:
+async def load(url: str, bodies: list[bytes], clients: int, per_client: int, raw: bool) -> dict:
     latencies: list[float] = []
     failures = 0
 
@@ -74,7 +74,10 @@ async def load(url: str, bodies: list[bytes], clients: int, per_client: int) -> 
             for i in range(per_client):
                 body = bodies[(worker * per_client + i) % len(bodies)]
                 t = time.perf_counter()
-                r = await http.post("/predict", files={"file": ("x.png", body, "image/png")})
+                if raw:
+                    r = await http.post("/predict", content=body)
+                else:
+                    r = await http.post("/predict", files={"file": ("x.png", body, "image/png")})
                 latencies.append(time.perf_counter() - t)
                 failures += r.status_code != 200
 
@@ -103,6 +106,7 @@ def main() -> None:
     parser.add_argument("model", type=Path, nargs="?")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=40, help="per client")
+    parser.add_argument("--raw", action="store_true", help="raw image bodies, not multipart")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or random_resnet20(Path(tmp))
@@ -110,14 +114,17 @@ def main() -> None:
 
         side = load_model(model).meta["input_size"][0]
         bodies = images(side)
-        print(f"{model}: {side}x{side} PNGs, {args.clients} clients x {args.requests} requests, ")
+        kind = "raw bodies" if args.raw else "multipart"
+        print(f"{model}: {side}x{side} PNGs ({kind}), {args.clients} clients x {args.requests}")
         print(f"{os.cpu_count()} cores shared by server and clients")
         results = {}
         for name, extra in SETTINGS.items():
             proc, url = start(model, extra)
             try:
-                asyncio.run(load(url, bodies, args.clients, 3))  # warm-up
-                results[name] = asyncio.run(load(url, bodies, args.clients, args.requests))
+                asyncio.run(load(url, bodies, args.clients, 3, args.raw))  # warm-up
+                results[name] = asyncio.run(
+                    load(url, bodies, args.clients, args.requests, args.raw)
+                )
                 health = httpx.get(url + "/health").json()
             finally:
                 proc.terminate()
