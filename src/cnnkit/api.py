@@ -18,6 +18,7 @@ from torch import nn
 from cnnkit import __version__, data, models
 from cnnkit.config import Config, DataConfig, RuntimeConfig, from_dict, load
 from cnnkit.data.memory import run_loader
+from cnnkit.deploy.formats import is_exported, load_exported
 from cnnkit.engine import distributed, runtime
 from cnnkit.engine.checkpoint import (
     atomic_write_bytes,
@@ -457,8 +458,11 @@ def load_model(run_or_model: str | Path, device: str = "cpu") -> nn.Module:
     """Rebuild a trained model from its model file (or run folder), in eval mode.
 
     The returned module carries the file's metadata (classes, preprocessing...) as ``model.meta``.
+    Exported ``.onnx`` (ONNX Runtime, CPU) and TorchScript files load too, with the same ``.meta``.
     """
     path = model_path(run_or_model)
+    if is_exported(path):  # .onnx / TorchScript: same .meta, same call, another runtime
+        return load_exported(path)
     state, meta = load_model_file(path)
     model = models.create_model(
         meta["arch"],
@@ -546,6 +550,8 @@ def _eval_dataset(run_or_model: str | Path, model: nn.Module, data_source: str |
 
 
 def _own_split(run_dir: Path):
+    if run_dir.is_file():  # a model file inside a run folder (model.onnx...) scores on its run
+        run_dir = run_dir.parent
     if not run_dir.is_dir() or not (run_dir / "config.yaml").is_file():
         raise CnnkitError(f"{run_dir} is not a run folder; give the DATA to evaluate on")
     cfg = load(run_dir / "config.yaml")

@@ -11,13 +11,16 @@ import sys
 import click
 import typer
 
+from cnnkit.cli import bench as bench_cmd
 from cnnkit.cli import doctor as doctor_cmd
 from cnnkit.cli import eval as eval_cmd
 from cnnkit.cli import explain as explain_cmd
+from cnnkit.cli import export as export_cmd
 from cnnkit.cli import lr_find as lr_find_cmd
 from cnnkit.cli import models as models_cmd
 from cnnkit.cli import predict as predict_cmd
 from cnnkit.cli import report as report_cmd
+from cnnkit.cli import serve as serve_cmd
 from cnnkit.cli import shard as shard_cmd
 from cnnkit.cli import train as train_cmd
 
@@ -38,6 +41,9 @@ app.command("doctor")(doctor_cmd.doctor)
 app.command("report")(report_cmd.report)
 app.command("explain")(explain_cmd.explain)
 app.command("lr-find")(lr_find_cmd.lr_find)
+app.command("export")(export_cmd.export)
+app.command("bench")(bench_cmd.bench)
+app.command("serve")(serve_cmd.serve)
 
 
 def main(argv: list[str] | None = None) -> int:

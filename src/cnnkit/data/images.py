@@ -37,7 +37,7 @@ GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _WIDE_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})  # more than 8 bits
 # What Pillow raises on files it cannot decode (truncated, corrupt, not an image, too large).
-_DECODE_ERRORS = (
+DECODE_ERRORS = (
     UnidentifiedImageError,
     Image.DecompressionBombError,
     OSError,
@@ -93,10 +93,23 @@ def decode(
             return _convert(img, mode), facts
     except FileNotFoundError:
         raise ImageFileError(f"image file not found: {path}") from None
-    except _DECODE_ERRORS as e:
+    except DECODE_ERRORS as e:
         raise ImageFileError(
-            f"cannot read image {path}: {_reason(e)}; replace or remove the file"
+            f"cannot read image {path}: {decode_reason(e)}; replace or remove the file"
         ) from None
+
+
+def decode_opened(img: Image.Image, mode: str = "RGB") -> Image.Image:
+    """Decode an opened image (only its header read so far) into ``mode``, upright per EXIF.
+
+    For callers that vet the header first (the server checks format and pixel count before any
+    pixel is decoded); animated files give their first frame. Raises one of ``DECODE_ERRORS``.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    img.load()  # decode now so truncated or corrupt files fail here
+    ImageOps.exif_transpose(img, in_place=True)
+    return _convert(img, mode)
 
 
 def image_info(path: str | os.PathLike) -> tuple[int, int, str]:
@@ -107,9 +120,9 @@ def image_info(path: str | os.PathLike) -> tuple[int, int, str]:
             return img.width, img.height, img.mode
     except FileNotFoundError:
         raise ImageFileError(f"image file not found: {path}") from None
-    except _DECODE_ERRORS as e:
+    except DECODE_ERRORS as e:
         raise ImageFileError(
-            f"cannot read image {path}: {_reason(e)}; replace or remove the file"
+            f"cannot read image {path}: {decode_reason(e)}; replace or remove the file"
         ) from None
 
 
@@ -158,7 +171,8 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="L")
 
 
-def _reason(e: BaseException) -> str:
+def decode_reason(e: BaseException) -> str:
+    """The first line of a Pillow decoding error, in words a user can act on."""
     if isinstance(e, UnidentifiedImageError):
         return "not an image file that Pillow can decode"
     text = str(e).strip().splitlines()

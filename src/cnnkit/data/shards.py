@@ -282,7 +282,7 @@ class ShardDataset(IterableDataset):
             try:
                 with Image.open(io.BytesIO(data)) as img:
                     infos.append((img.width, img.height, img.mode))
-            except image_files._DECODE_ERRORS:
+            except image_files.DECODE_ERRORS:
                 decode_bytes(data, self.mode, where)  # raises the named error
             if len(infos) >= count:
                 break
