@@ -13,36 +13,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 
 import torch
 import torchvision
-from torchvision.transforms import v2
+from common import machine, textbook_cifar_transform
 
 import cnnkit
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    return (
-        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"torchvision {torchvision.__version__}, cuda {torch.cuda.is_available()}"
-    )
-
-
 def plain_loop_images_per_s(data: str, model_name: str, batch_size: int, steps: int) -> float:
     """Images/s of the textbook loop: ImageFolder, per-sample transforms, 2 workers, fp32 NCHW."""
-    tf = v2.Compose(
-        [
-            v2.ToImage(),
-            v2.RandomCrop(32, padding=4),
-            v2.RandomHorizontalFlip(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize((0.49, 0.48, 0.45), (0.25, 0.24, 0.26)),
-        ]
-    )
+    tf = textbook_cifar_transform()
     dataset = torchvision.datasets.ImageFolder(os.path.join(data, "train"), transform=tf)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=True, num_workers=2, drop_last=True

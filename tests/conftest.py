@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,8 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("CNNKIT_TEST", "1")
+# the doctor's per-file cache: one throwaway folder per test session, not ~/.cache
+os.environ.setdefault("CNNKIT_CACHE_DIR", tempfile.mkdtemp(prefix="cnnkit-test-cache-"))
 
 
 def write_image(path: Path, color: tuple[int, int, int], size: tuple[int, int], seed: int) -> None:
@@ -44,3 +47,33 @@ def image_folder(tmp_path) -> Path:
 @pytest.fixture
 def split_folder(tmp_path) -> Path:
     return make_folder(tmp_path / "split", per_class=16, layout="split")
+
+
+@pytest.fixture(scope="session")
+def digits_model(tmp_path_factory) -> Path:
+    """model.safetensors of simple_cnn trained 4 epochs on digits (~94% test accuracy, ~10 s),
+    inside its run folder, shared by the export/serve tests."""
+    import cnnkit
+
+    out = tmp_path_factory.mktemp("deploy-runs")
+    result = cnnkit.train(
+        "digits", model="simple_cnn", epochs=4, out_dir=str(out), num_workers=0, progress="plain"
+    )
+    assert result.test["acc"] >= 0.85, result.test
+    return result.run_dir / "model.safetensors"
+
+
+@pytest.fixture(scope="session")
+def digit_pngs(tmp_path_factory) -> list[tuple[Path, int]]:
+    """The first 40 test-split digits as 8x8 grayscale PNG files, with their labels."""
+    from cnnkit.data.sources import _load_digits
+
+    folder = tmp_path_factory.mktemp("digit-pngs")
+    _, test, _ = _load_digits(folder)
+    files = []
+    for i in range(40):
+        image, label = test.images[i, 0].numpy(), test.targets[i]
+        path = folder / f"{i:02d}_{label}.png"
+        Image.fromarray(image).save(path)  # uint8 (8, 8): mode L
+        files.append((path, label))
+    return files

@@ -238,3 +238,16 @@ def test_layer_spec_model_from_yaml_config(tmp_path, capsys):
     assert metrics["acc"] > 0.8
     code, out, err = cli(capsys, "eval", tmp_path / "spec", "--json")
     assert code == 0 and json.loads(out)["acc"] == pytest.approx(metrics["acc"])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--bogus"], "No such option: --bogus"),
+        (["--debug", "train", "--epochs", "x"], "Invalid value for '--epochs'"),
+        (["nosuchverb"], "No such command"),
+    ],
+)
+def test_usage_errors_exit_2_with_click_message(capsys, argv, message):
+    code, out, err = cli(capsys, *argv)
+    assert code == 2 and message in err and "internal error" not in err, (out, err)

@@ -286,8 +286,10 @@ def test_digits_default_split_is_fixed_and_val_is_seeded():
         "hflip": 0.0,
         "pad_crop": 0,
         "random_resized_crop": False,
+        "pad_mode": "zero",
         "auto_augment": "none",
         "random_erasing": 0.0,
+        "cutout": 0,
     }
     loader = make_loader(a.train, 128, train=True, seed=0)
     assert loader.num_workers == 0 and len(loader) == len(a.train) // 128

@@ -212,7 +212,7 @@ def _digits_speedrun(tmp_path, overrides=(), **options):
         out_dir=str(tmp_path),
         progress="plain",
         num_workers=0,
-        overrides=list(overrides),
+        overrides=["data.hflip=0", *overrides],  # digits must not be mirrored
         **options,
     )
 

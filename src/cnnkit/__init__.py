@@ -8,6 +8,9 @@ Public API::
     cnnkit.load_model(run_or_model_file)          -> nn.Module (eval mode) with .meta
     cnnkit.evaluate(run_or_model_file, data)      -> metrics dict
     cnnkit.predict(run_or_model_file, images)     -> top-k per image
+    cnnkit.report(run_dir, data=None)             -> path of the rebuilt report.html
+    cnnkit.explain(model_file, images, out_dir)   -> Grad-CAM overlay PNGs
+    cnnkit.lr_find(data, model=...)               -> loss-vs-lr sweep and a suggested lr
 
 The names are imported on first use so that ``cnnkit --help`` does not pay for importing torch.
 """
@@ -23,6 +26,9 @@ _EXPORTS = {
     "load_model": "cnnkit.api",
     "evaluate": "cnnkit.api",
     "predict": "cnnkit.api",
+    "report": "cnnkit.api",
+    "lr_find": "cnnkit.api",
+    "explain": "cnnkit.evaluation.explain",
     "create_model": "cnnkit.models",
     "list_models": "cnnkit.models",
     "Config": "cnnkit.config",

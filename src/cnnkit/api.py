@@ -17,16 +17,34 @@ import torch
 from torch import nn
 
 from cnnkit import __version__, data, models, recipes
-from cnnkit.config import Config, RuntimeConfig, from_dict, load, parse_override, read_yaml
-from cnnkit.engine import runtime
-from cnnkit.engine.checkpoint import atomic_write_bytes, load_checkpoint, load_model_file
+from cnnkit.config import (
+    Config,
+    DataConfig,
+    RuntimeConfig,
+    from_dict,
+    load,
+    parse_override,
+    read_yaml,
+)
+from cnnkit.data.memory import run_loader
+from cnnkit.deploy.formats import is_exported, load_exported
+from cnnkit.engine import distributed, runtime
+from cnnkit.engine.checkpoint import (
+    atomic_write_bytes,
+    load_checkpoint,
+    load_latest,
+    load_model_file,
+)
 from cnnkit.engine.fit import CHECKPOINT, FitResult, fit
+from cnnkit.engine.interrupt import Interrupted
 from cnnkit.engine.loop import evaluate as evaluate_loader
+from cnnkit.engine.tuning import auto_batch_size
 from cnnkit.errors import CnnkitError
 from cnnkit.evaluation.metrics import summarize
 from cnnkit.evaluation.tta import check_mode, with_tta
 
 MODEL_FILE = "model.safetensors"
+SKIPPED_FILE = "skipped_files.tsv"
 
 
 @dataclass
@@ -44,6 +62,8 @@ def train(
     overrides: list[str] | None = None,
     resume: str | Path | None = None,
     stop_after: int | None = None,
+    resume_changed: bool = False,
+    allow_world_change: bool = False,
     **options,
 ) -> TrainResult:
     """Train a classifier and return where the run went and how it scored.
@@ -51,17 +71,37 @@ def train(
     ``data_source``: folder, CSV or built-in name (default: digits). ``config``: YAML path, dict or
     ``Config``. ``options``: section-free shortcuts ``model``, ``epochs``, ``batch_size``, ``lr``,
     ``seed``, ``name``, ... applied after the config; ``overrides``: dotted ``key=value`` strings
-    applied last. ``resume``: a run folder to continue exactly where its checkpoint stopped.
+    applied last. ``resume``: a run folder to continue exactly where its checkpoint stopped
+    (``overrides`` may change its config where exactness allows, any key with
+    ``resume_changed=True``; ``allow_world_change``: even with another number of processes than
+    it was started with).
+
+    Started by torchrun, every process calls this and they train as one data-parallel run.
     """
     if resume is not None:
-        return _resume(Path(resume), stop_after)
+        distributed.init()
+        return _resume(
+            Path(resume), stop_after, overrides or [], resume_changed, allow_world_change
+        )
     cfg = resolve_config(data_source, config, overrides, **options)
+    _check_batch_size(cfg.data.batch_size)
+    dd = distributed.init(cfg.runtime.device)
+    restarted = _torchrun_restart(cfg)
+    if restarted is not None:
+        return _resume(restarted, stop_after, [], False, allow_world_change)
     runtime.seed_everything(cfg.train.seed)
     splits = data.build(cfg.data, seed=cfg.train.seed)
     recipes.check_data(cfg, splits)
     model = _build_model(cfg, splits)
     splits = _match_pretrained_normalisation(cfg, splits, model)
-    run_dir = _new_run_dir(cfg, splits.name)
+    if cfg.data.batch_size == "auto":
+        rt = runtime.resolve(cfg.runtime, cfg.train.deterministic)
+        shape = (splits.in_chans, *splits.input_size)
+        size = auto_batch_size(model, rt, shape, len(splits.classes), len(splits.train))
+        cfg.data.batch_size = distributed.broadcast(size)  # every process steps alike
+    _resolve_auto_lr(cfg, splits, model)  # after the batch size: the sweep uses it
+    cfg.optim.lr = distributed.broadcast(cfg.optim.lr)  # rank 0's sweep decides for all
+    run_dir = _shared_run_dir(cfg, splits.name, dd)
     return _fit_in(
         run_dir, model, splits, cfg, resume_state=None, stop_after=stop_after, created=True
     )
@@ -77,6 +117,8 @@ SHORTCUTS = {  # option name -> config key, for train(...) keywords and CLI flag
     "optimizer": "optim.name",
     "scheduler": "optim.scheduler",
     "input_size": "data.input_size",
+    "val": "data.val",
+    "test": "data.test",
     "device": "runtime.device",
     "precision": "runtime.precision",
     "pretrained": "model.pretrained",
@@ -85,8 +127,17 @@ SHORTCUTS = {  # option name -> config key, for train(...) keywords and CLI flag
     "num_workers": "data.num_workers",
     "out_dir": "train.out_dir",
     "progress": "train.progress",
+    "skip_bad": "data.skip_bad",
+    "balance": "train.balance",
+    "nan_policy": "train.nan_policy",
+    "report": "train.report",
     "recipe": "train.recipe",
 }
+# Keys a resumed run may change without losing exactness (they do not touch the numbers).
+RESUME_SAFE = frozenset(
+    {"train.progress", "train.tensorboard", "data.num_workers", "runtime.threads"}
+    | {"train.nan_policy", "train.nan_limit", "data.check_files"}
+)
 
 
 def resolve_config(
@@ -144,26 +195,106 @@ def _options_layer(data_source: str | None, options: dict) -> dict:
     return nested
 
 
-def _resume(run_dir: Path, stop_after: int | None) -> TrainResult:
+def _check_batch_size(value) -> None:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return
+    raise CnnkitError(f"data.batch_size must be a positive integer or 'auto', got {value!r}")
+
+
+def _shared_run_dir(cfg: Config, data_name: str, dd) -> Path:
+    """Rank 0 makes the run folder and tells the others (and a torchrun restart) its name."""
+    made: tuple[str | None, str | None] = (None, None)
+    if dd.main:
+        try:
+            made = (str(_new_run_dir(cfg, data_name)), None)
+        except CnnkitError as e:
+            made = (None, str(e))
+    path, error = distributed.broadcast(made)
+    if error is not None:
+        raise CnnkitError(error)
+    marker = distributed.restart_marker(cfg.train.out_dir)
+    if marker is not None and dd.main:
+        atomic_write_bytes(marker, path.encode())
+    return Path(path)
+
+
+def _torchrun_restart(cfg: Config) -> Path | None:
+    """Under ``torchrun --max-restarts``: the run folder of this group's previous attempt when it
+    holds a checkpoint to continue from."""
+    marker = distributed.restart_marker(cfg.train.out_dir)
+    if marker is None or distributed.restart_count() == 0 or not marker.is_file():
+        return None
+    run_dir = Path(marker.read_text().strip())
+    if not (run_dir / CHECKPOINT).is_file():
+        return None
+    if distributed.current().main:
+        print(f"torchrun restart {distributed.restart_count()}: continuing {run_dir}")
+    return run_dir
+
+
+def _resume(
+    run_dir: Path,
+    stop_after: int | None,
+    overrides: list[str],
+    changed_ok: bool,
+    allow_world_change: bool = False,
+) -> TrainResult:
     if not run_dir.is_dir():
         raise CnnkitError(f"--resume: run folder not found: {run_dir}")
-    if not (run_dir / CHECKPOINT).is_file():
-        raise CnnkitError(f"--resume: no checkpoint in {run_dir} (expected {run_dir / CHECKPOINT})")
-    state = load_checkpoint(run_dir / CHECKPOINT)
-    cfg = from_dict(state["config"])
+    state, _ = load_latest(run_dir / CHECKPOINT.parent)
+    saved = from_dict(state["config"])
+    cfg = load(None, overrides, base=saved)
+    changes = _config_changes(saved, cfg)
     if state["epoch"] >= cfg.train.epochs:
         raise CnnkitError(f"--resume: {run_dir} already finished its {cfg.train.epochs} epochs")
     splits = data.build(cfg.data, seed=cfg.train.seed)
+    if state.get("fingerprint", splits.fingerprint) != splits.fingerprint:
+        changes.append("the data files (added, removed or modified since the checkpoint)")
+    if changes and not changed_ok:
+        raise CnnkitError(
+            f"--resume: {', '.join(changes)} changed, so the run would not continue exactly; "
+            "add --resume-changed to continue anyway"
+        )
     model = _build_model(cfg, splits, load_weights=False)
     return _fit_in(
-        run_dir, model, splits, cfg, resume_state=state, stop_after=stop_after, created=False
+        run_dir,
+        model,
+        splits,
+        cfg,
+        resume_state=state,
+        stop_after=stop_after,
+        created=False,
+        allow_world_change=allow_world_change,
     )
 
 
+def _config_changes(saved: Config, cfg: Config) -> list[str]:
+    """Dotted keys whose values differ and that matter to exactness (not in RESUME_SAFE)."""
+    old, new = saved.to_dict(), cfg.to_dict()
+    return [
+        f"{section}.{key}"
+        for section, values in new.items()
+        for key, value in values.items()
+        if value != old[section][key] and f"{section}.{key}" not in RESUME_SAFE
+    ]
+
+
 def _fit_in(
-    run_dir: Path, model: nn.Module, splits, cfg: Config, *, resume_state, stop_after, created: bool
+    run_dir: Path,
+    model: nn.Module,
+    splits,
+    cfg: Config,
+    *,
+    resume_state,
+    stop_after,
+    created: bool,
+    allow_world_change: bool = False,
 ) -> TrainResult:
-    atomic_write_bytes(run_dir / "config.yaml", cfg.to_yaml().encode())
+    main = distributed.current().main
+    if main:
+        atomic_write_bytes(run_dir / "config.yaml", cfg.to_yaml().encode())
+        if splits.skipped:
+            _list_skipped(run_dir, splits.skipped)
     try:
         result = fit(
             model,
@@ -173,17 +304,30 @@ def _fit_in(
             model_meta(cfg, splits),
             resume=resume_state,
             stop_after=stop_after,
+            allow_world_change=allow_world_change,
         )
     except (CnnkitError, KeyboardInterrupt) as e:
-        if created and not (run_dir / CHECKPOINT).exists():
+        if created and main and not (run_dir / CHECKPOINT).exists():
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing worth keeping was made yet
+        elif isinstance(e, Interrupted):
+            print(f"\n{e}")  # says where it stopped and how to resume
         elif isinstance(e, KeyboardInterrupt):
             print(f"\ninterrupted; continue with: cnnkit train --resume {run_dir}")
         raise
     start = time.perf_counter()
-    test, split_name = _final_eval(run_dir, splits, cfg)
+    test, split_name = _final_eval(run_dir, splits, cfg) if main else (None, None)
     result.timings["final_eval"] = time.perf_counter() - start
+    if cfg.train.report and main:
+        _report_after_training(run_dir, splits, split_name, cfg)
+    distributed.barrier()
     return TrainResult(run_dir=run_dir, fit=result, test=test, test_split=split_name)
+
+
+def _list_skipped(run_dir: Path, skipped: list) -> None:
+    """--skip-bad: the files left out, one per line (path, kind, reason), in the run folder."""
+    lines = [f"{f.path}\t{f.kind}\t{f.message}" for f in skipped]
+    atomic_write_bytes(run_dir / SKIPPED_FILE, ("\n".join(lines) + "\n").encode())
+    print(f"note: left out {len(skipped)} bad image file(s); listed in {run_dir / SKIPPED_FILE}")
 
 
 def _final_eval(run_dir: Path, splits, cfg: Config) -> tuple[dict | None, str | None]:
@@ -193,10 +337,51 @@ def _final_eval(run_dir: Path, splits, cfg: Config) -> tuple[dict | None, str | 
         return None, None
     model = load_model(run_dir / MODEL_FILE, device=cfg.runtime.device)
     metrics = _score(
-        model, dataset, cfg.data.batch_size, cfg.runtime.device, cfg.data.num_workers, cfg.train.tta
+        model, dataset, cfg.data.batch_size, cfg.runtime.device, cfg.data, cfg.train.tta
     )
     atomic_write_bytes(run_dir / f"{name}_metrics.json", json.dumps(metrics, indent=2).encode())
     return metrics, name
+
+
+def _report_after_training(run_dir: Path, splits, split: str | None, cfg: Config) -> None:
+    """report.html and its figures; a failure here must not cost the user the trained run."""
+    if split is None:
+        print("note: no test or validation split to report on; no report.html written")
+        return
+    from cnnkit.evaluation.report import write_report
+
+    dataset = splits.test if split == "test" else splits.val
+    try:
+        model = load_model(run_dir / MODEL_FILE, device=cfg.runtime.device)
+        path = write_report(
+            run_dir, model, dataset, split, device=cfg.runtime.device,
+            batch_size=cfg.data.batch_size, data_cfg=cfg.data,
+        )  # fmt: skip
+    except Exception as e:  # noqa: BLE001 - the model is saved; say how to retry
+        print(f"note: report not written ({type(e).__name__}: {e}); retry: cnnkit report {run_dir}")
+        return
+    print(f"report: {path}")
+
+
+def _resolve_auto_lr(cfg: Config, splits, model: nn.Module) -> None:
+    """``optim.lr: auto``: run the lr finder on a copy of the model and train with its
+    suggestion; the config saved with the run holds the number, so a resume reuses it."""
+    lr = cfg.optim.lr
+    if not isinstance(lr, str):
+        return
+    if lr != "auto":
+        raise CnnkitError(f"optim.lr must be a number or 'auto', got '{lr}'")
+    from cnnkit.evaluation.lr_finder import lr_find_for_config
+
+    found = lr_find_for_config(model, splits, cfg)
+    if found.suggestion is None:
+        raise CnnkitError(
+            f"lr finder found no lr where the loss falls ({found.stopped}); set --lr yourself"
+        )
+    cfg.optim.lr = float(f"{found.suggestion:.3g}")
+    print(
+        f"lr finder: suggested lr {cfg.optim.lr:g} ({found.stopped} after {len(found.lrs)} steps)"
+    )
 
 
 def _build_model(cfg: Config, splits, load_weights: bool = True) -> nn.Module:
@@ -315,8 +500,11 @@ def load_model(run_or_model: str | Path, device: str = "cpu") -> nn.Module:
     """Rebuild a trained model from its model file (or run folder), in eval mode.
 
     The returned module carries the file's metadata (classes, preprocessing...) as ``model.meta``.
+    Exported ``.onnx`` (ONNX Runtime, CPU) and TorchScript files load too, with the same ``.meta``.
     """
     path = model_path(run_or_model)
+    if is_exported(path):  # .onnx / TorchScript: same .meta, same call, another runtime
+        return load_exported(path)
     state, meta = load_model_file(path)
     model = models.create_model(
         meta["arch"],
@@ -363,17 +551,49 @@ def evaluate(
     no test split); that needs a run folder, not a bare model file.
     """
     model = load_model(run_or_model, device=device)
-    if data_source is not None:
-        dataset = data.build_eval(data_source, model.meta["classes"], model.meta["preprocessing"])
-        split = str(data_source)
-    else:
-        dataset, split = _own_split(Path(run_or_model))
-    metrics = _score(model, dataset, batch_size, device, num_workers)
+    dataset, split = _eval_dataset(run_or_model, model, data_source)
+    metrics = _score(model, dataset, batch_size, device, DataConfig(num_workers=num_workers))
     metrics["split"] = split
     return metrics
 
 
+def report(
+    run_dir: str | Path,
+    data_source: str | None = None,
+    *,
+    out_dir: str | Path | None = None,
+    batch_size: int = 256,
+    device: str = "auto",
+    num_workers: int | None = None,
+) -> Path:
+    """(Re)build a run's ``report.html`` and PNG figures; returns the HTML's path.
+
+    Scored on ``data_source`` when given, else on the run's own test (else val) split; written
+    to ``out_dir`` (default: the run folder).
+    """
+    from cnnkit.evaluation.report import check_run, write_report
+
+    run_dir = Path(run_dir)
+    check_run(run_dir)
+    model = load_model(run_dir, device=device)
+    dataset, split = _eval_dataset(run_dir, model, data_source)
+    return write_report(
+        run_dir, model, dataset, split, out_dir=out_dir, device=device,
+        batch_size=batch_size, data_cfg=DataConfig(num_workers=num_workers),
+    )  # fmt: skip
+
+
+def _eval_dataset(run_or_model: str | Path, model: nn.Module, data_source: str | None):
+    """(dataset, split name): ``data_source`` mapped to the model's classes, else the run's own."""
+    if data_source is not None:
+        meta = model.meta
+        return data.build_eval(data_source, meta["classes"], meta["preprocessing"]), data_source
+    return _own_split(Path(run_or_model))
+
+
 def _own_split(run_dir: Path):
+    if run_dir.is_file():  # a model file inside a run folder (model.onnx...) scores on its run
+        run_dir = run_dir.parent
     if not run_dir.is_dir() or not (run_dir / "config.yaml").is_file():
         raise CnnkitError(f"{run_dir} is not a run folder; give the DATA to evaluate on")
     cfg = load(run_dir / "config.yaml")
@@ -392,18 +612,48 @@ def _score(
     dataset,
     batch_size: int,
     device: str,
-    num_workers: int | None,
+    data_cfg: DataConfig,
     tta: str = "none",
 ) -> dict:
     rt = runtime.resolve(RuntimeConfig(device=device))
     model = model.to(rt.device, memory_format=rt.memory_format)
-    loader = data.make_loader(dataset, batch_size, train=False, seed=0, num_workers=num_workers)
+    loader = run_loader(
+        dataset,
+        model.meta["preprocessing"],
+        None,
+        data_cfg,
+        batch_size,
+        train=False,
+        seed=0,
+        device=rt.device,
+        memory_format=rt.memory_format,
+    )
     classes = model.meta["classes"]
     raw = evaluate_loader(with_tta(model, tta), loader, rt, len(classes))
     metrics = summarize(raw, classes)
     if tta != "none":
         metrics["tta"] = tta
     return metrics
+
+
+def lr_find(
+    data_source: str | None = None,
+    *,
+    config: str | Path | Config | dict | None = None,
+    overrides: list[str] | None = None,
+    steps: int = 200,
+    **options,
+):
+    """Sweep the learning rate for the run these arguments (as for ``train``) describe; returns
+    an ``LrFindResult`` (lrs, losses, smoothed losses, ``suggestion``, ``figure()``)."""
+    from cnnkit.evaluation.lr_finder import lr_find_for_config
+
+    cfg = resolve_config(data_source, config, overrides, **options)
+    runtime.seed_everything(cfg.train.seed)
+    splits = data.build(cfg.data, seed=cfg.train.seed)
+    model = _build_model(cfg, splits)
+    splits = _match_pretrained_normalisation(cfg, splits, model)
+    return lr_find_for_config(model, splits, cfg, steps=steps)
 
 
 def predict(

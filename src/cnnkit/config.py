@@ -33,16 +33,22 @@ class DataConfig:
     input_size: int | None = None  # square side in pixels; None: the dataset's native size
     mean: list | None = None  # per-channel normalisation (0..1 units); None: known or measured
     std: list | None = None  # (pretrained models set both to the values their weights expect)
-    batch_size: int = 128  # per process
+    batch_size: int | str = 128  # per process; "auto": measured for this machine and model
     num_workers: int | None = None  # DataLoader workers; None: chosen for the machine
-    cache_dir: str = "~/.cache/cnnkit"  # downloads of built-in datasets
-    hflip: float | None = None  # horizontal flip probability; None: preset by dataset
+    cache_dir: str = "~/.cache/cnnkit"  # downloads of built-in datasets, decoded image caches
+    decode_cache: str = "auto"  # auto: decode files once when they fit cache_memory | on | off
+    cache_memory: float | None = None  # GiB a decoded split may take; None: half the free RAM
+    hflip: float | str | None = None  # flip probability or "alternate"; None: preset by dataset
     pad_crop: int | None = None  # random crop after padding by this many pixels; None: preset
+    pad_mode: str = "zero"  # zero | reflect: how pad_crop fills the border
+    cutout: int = 0  # side in pixels of a square set to the mean colour per image; 0: off
     random_resized_crop: bool | None = None  # None: on for inputs of 64 px and more
     auto_augment: str = "none"  # none | trivial | rand
     random_erasing: float = 0.0  # probability
     mixup: float = 0.0  # Beta(alpha, alpha) for MixUp; 0 turns it off
     cutmix: float = 0.0  # Beta(alpha, alpha) for CutMix; 0 turns it off
+    check_files: bool = True  # decode every image file before training (cached by cnnkit doctor)
+    skip_bad: bool = False  # leave out files that cannot be decoded instead of stopping
 
 
 @dataclass
@@ -56,7 +62,8 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     name: str = "sgd"  # sgd (Nesterov) | adamw
-    lr: float | None = None  # None: 0.1 per 256 images for sgd, 1e-3 per 256 images for adamw
+    lr: float | str | None = None  # None: 0.1 per 256 images for sgd, 1e-3 for adamw;
+    # "auto": the lr finder's suggestion (cnnkit.evaluation.lr_finder), saved as a number
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float | None = None  # None: 5e-4 for sgd, 0.05 for adamw; never on norm/bias
@@ -90,6 +97,10 @@ class TrainConfig:
     name: str | None = None  # run folder name; None: <model>-<data>-<n>
     progress: str = "auto"  # auto (bar on a TTY) | bar | plain
     tensorboard: bool = False
+    balance: str = "auto"  # sampler | loss | none | auto (sampler when classes are imbalanced)
+    nan_policy: str = "stop"  # stop | skip: what a non-finite loss does
+    nan_limit: int = 10  # skip: stop anyway after this many skipped steps in a run
+    report: bool = True  # write report.html and its PNG figures at the end of training
 
 
 @dataclass
@@ -97,7 +108,9 @@ class RuntimeConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     channels_last: str = "auto"  # auto | on | off
-    threads: int | None = None  # torch intra-op threads; None: leave torch's choice
+    threads: int | None = None  # torch intra-op threads; None: the cores this process may use
+    compile: str = "auto"  # torch.compile the training model: auto (CUDA runs) | on | off
+    sync_bn: bool = False  # distributed CUDA runs: batch-norm statistics over all processes
 
 
 @dataclass
@@ -192,6 +205,8 @@ def _coerce(part: Any, key: str, value: Any, section: str) -> Any:
     allowed = tuple(typing.get_origin(a) or a for a in allowed)
     if value is None and type(None) in allowed:
         return None
+    if isinstance(value, bool) and str in allowed and bool not in allowed:
+        return "on" if value else "off"  # YAML 1.1 reads on/off as booleans: auto|on|off keys
     if float in allowed and isinstance(value, str):
         value = _float_or_same(value)  # YAML 1.1 reads "5e-4" (no dot) as a string
     if isinstance(value, bool) and bool not in allowed:

@@ -11,9 +11,17 @@ import sys
 import click
 import typer
 
+from cnnkit.cli import bench as bench_cmd
+from cnnkit.cli import doctor as doctor_cmd
 from cnnkit.cli import eval as eval_cmd
+from cnnkit.cli import explain as explain_cmd
+from cnnkit.cli import export as export_cmd
+from cnnkit.cli import lr_find as lr_find_cmd
 from cnnkit.cli import models as models_cmd
 from cnnkit.cli import predict as predict_cmd
+from cnnkit.cli import report as report_cmd
+from cnnkit.cli import serve as serve_cmd
+from cnnkit.cli import shard as shard_cmd
 from cnnkit.cli import train as train_cmd
 
 app = typer.Typer(
@@ -28,6 +36,14 @@ app.command("train")(train_cmd.train)
 app.command("eval")(eval_cmd.eval_)
 app.command("predict")(predict_cmd.predict)
 app.command("models")(models_cmd.models)
+app.command("shard")(shard_cmd.shard)
+app.command("doctor")(doctor_cmd.doctor)
+app.command("report")(report_cmd.report)
+app.command("explain")(explain_cmd.explain)
+app.command("lr-find")(lr_find_cmd.lr_find)
+app.command("export")(export_cmd.export)
+app.command("bench")(bench_cmd.bench)
+app.command("serve")(serve_cmd.serve)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,18 +55,40 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _typer_errors() -> tuple[tuple, tuple, tuple]:
+    """(exit, usage error, abort) exception classes: click's and, since Typer 0.25 vendors its
+    own copy of click, Typer's."""
+    exits, usage, aborts = [click.exceptions.Exit], [click.ClickException], [click.Abort]
+    exits.append(getattr(typer, "Exit", click.exceptions.Exit))
+    aborts.append(getattr(typer, "Abort", click.Abort))
+    try:
+        from typer._click.exceptions import ClickException as TyperClickException
+
+        usage.append(TyperClickException)
+    except ImportError:
+        pass
+    return tuple(set(exits)), tuple(set(usage)), tuple(set(aborts))
+
+
+EXIT_ERRORS, USAGE_ERRORS, ABORT_ERRORS = _typer_errors()
+CURRENT_ARGV: list[str] = []  # the arguments of the running command (for --nproc relaunches)
+
+
 def run(argv: list[str]) -> int:
     from cnnkit.errors import CnnkitError
 
     debug = "--debug" in argv
+    if argv[:1] == ["--debug"]:  # also accepted before the verb
+        argv = argv[1:]
+    CURRENT_ARGV[:] = argv
     try:
-        app(args=argv, prog_name="cnnkit", standalone_mode=False)
-    except click.exceptions.Exit as e:
+        code = app(args=argv, prog_name="cnnkit", standalone_mode=False)
+    except EXIT_ERRORS as e:
         return e.exit_code
-    except click.ClickException as e:
+    except USAGE_ERRORS as e:
         e.show()
         return 2
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, *ABORT_ERRORS):
         print("\ninterrupted", file=sys.stderr)
         return 130
     except CnnkitError as e:
@@ -67,7 +105,7 @@ def run(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 1
-    return 0
+    return code if isinstance(code, int) else 0  # typer.Exit(n) comes back as n
 
 
 def one_line(error: BaseException) -> str:

@@ -33,8 +33,14 @@ def train(
         ),
     ] = None,
     epochs: Annotated[int | None, typer.Option(help="Number of epochs.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per step.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    batch_size: Annotated[
+        str | None,
+        typer.Option(help="Images per step, or auto (measured for this machine and model)."),
+    ] = None,
+    lr: Annotated[
+        str | None,
+        typer.Option(help="Peak learning rate, or 'auto' to take the lr finder's suggestion."),
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     recipe: Annotated[
         str | None,
@@ -44,6 +50,13 @@ def train(
     ] = None,
     name: Annotated[str | None, typer.Option(help="Run folder name under runs/.")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML config file.")] = None,
+    val: Annotated[
+        str | None,
+        typer.Option(
+            help="Validation data: folder, CSV or tar shards (default: carved from train)."
+        ),
+    ] = None,
+    test: Annotated[str | None, typer.Option(help="Test data: folder, CSV or tar shards.")] = None,
     resume: Annotated[
         Path | None,
         typer.Option(help="Continue the run in this folder exactly where its checkpoint stopped."),
@@ -65,32 +78,72 @@ def train(
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
     precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16.")] = None,
     num_workers: Annotated[int | None, typer.Option(help="DataLoader worker processes.")] = None,
+    skip_bad: Annotated[
+        bool, typer.Option(help="Leave out image files that cannot be decoded (listed in the run).")
+    ] = False,
+    balance: Annotated[
+        str | None,
+        typer.Option(help="sampler, loss, none or auto (sampler when classes are imbalanced)."),
+    ] = None,
+    nan_policy: Annotated[
+        str | None, typer.Option(help="stop (default) or skip steps whose loss is NaN/inf.")
+    ] = None,
+    resume_changed: Annotated[
+        bool, typer.Option(help="Resume even when overrides or the data changed since.")
+    ] = False,
+    nproc: Annotated[
+        int | None,
+        typer.Option(help="Train with this many processes on this machine (starts torchrun)."),
+    ] = None,
+    allow_world_change: Annotated[
+        bool,
+        typer.Option(help="With --resume: continue with another number of processes."),
+    ] = False,
     quiet: Annotated[bool, typer.Option(help="Plain log lines instead of a progress bar.")] = False,
+    report: Annotated[
+        bool, typer.Option(help="Write report.html and figures at the end (train.report).")
+    ] = True,
     debug: Annotated[bool, DEBUG] = False,
 ) -> None:
     """Train a classifier; everything it writes goes to runs/<name>/."""
     from cnnkit.api import train as api_train
+    from cnnkit.engine import distributed
 
-    data, overrides = _split_positionals(data, overrides or [])
+    if nproc is not None:
+        _launch(nproc)
+        return
+    data, overrides = split_positionals(data, overrides or [])
     if resume is not None:
-        options = dict(data=data, model=model, epochs=epochs, config=config, batch_size=batch_size)
+        options = dict(data=data, model=model, config=config, batch_size=batch_size)
         options["recipe"] = recipe
-        given = [k for k, v in options.items() if v is not None] + overrides
+        given = [k for k, v in options.items() if v is not None]
         if given:
             raise typer.BadParameter(
-                f"--resume continues the run with its saved config; drop {', '.join(given)}",
+                f"--resume continues the run with its saved config; drop {', '.join(given)} "
+                "(section.key=value overrides and --epochs are allowed)",
                 param_hint="--resume",
             )
-        result = api_train(resume=resume)
+        extra = [f"train.epochs={epochs}"] if epochs is not None else []
+        extra += [f"train.nan_policy={nan_policy}"] if nan_policy else []
+        result = _stop_cleanly(
+            api_train,
+            resume=resume,
+            overrides=extra + overrides,
+            resume_changed=resume_changed,
+            allow_world_change=allow_world_change,
+        )
     else:
-        result = api_train(
+        result = _stop_cleanly(
+            api_train,
             data,
             config=config,
             overrides=overrides,
             model=model,
             epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
+            batch_size=_batch_size(batch_size),
+            val=val,
+            test=test,
+            lr=_parse_lr(lr),
             seed=seed,
             recipe=recipe,
             name=name,
@@ -102,11 +155,91 @@ def train(
             precision=precision,
             num_workers=num_workers,
             progress="plain" if quiet else None,
+            skip_bad=skip_bad or None,
+            balance=balance,
+            nan_policy=nan_policy,
+            report=None if report else False,
         )
-    _summary(result)
+    if distributed.current().main:
+        _summary(result)
+    distributed.cleanup()
 
 
-def _split_positionals(data: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+def _launch(nproc: int) -> None:
+    """``--nproc N``: run this same command under torchrun with N processes on this machine."""
+    import os
+    import subprocess
+    import sys
+
+    from cnnkit.cli import main as cli_main
+    from cnnkit.errors import CnnkitError
+
+    if nproc < 1:
+        raise CnnkitError(f"--nproc must be >= 1, got {nproc}")
+    if "WORLD_SIZE" in os.environ:
+        raise CnnkitError("--nproc starts torchrun itself; drop it when already under torchrun")
+    argv = _without_option(cli_main.CURRENT_ARGV, "--nproc")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "cnnkit",
+        *argv,
+    ]
+    code = subprocess.call(command)
+    if code:
+        raise typer.Exit(code)
+
+
+def _without_option(argv: list[str], name: str) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(f"{name}="):
+            out.append(arg)
+    return out
+
+
+def _stop_cleanly(api_train, *args, **kwargs):
+    """Run training; a stop on SIGINT/SIGTERM (checkpoint saved, resume hint printed) exits with
+    128 + the signal (130, 143) instead of a traceback. Typer would report every stop as 130."""
+    from cnnkit.engine.interrupt import Interrupted
+
+    try:
+        return api_train(*args, **kwargs)
+    except Interrupted as e:
+        raise typer.Exit(e.exit_code) from None
+
+
+def _batch_size(value: str | None) -> int | str | None:
+    if value is None or value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise typer.BadParameter(
+            f"'{value}' is not a whole number or auto", param_hint="--batch-size"
+        ) from None
+
+
+def _parse_lr(text: str | None) -> float | str | None:
+    if text is None or text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise typer.BadParameter(
+            f"must be a number or 'auto', got '{text}'", param_hint="--lr"
+        ) from None
+
+
+def split_positionals(data: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
     """``cnnkit train optim.lr=0.1``: a first positional that is an override is not DATA."""
     if data is not None and "=" in data and not Path(data).exists():
         return None, [data, *overrides]

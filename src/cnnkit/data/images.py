@@ -1,13 +1,20 @@
 """The one place where image files are opened and decoded.
 
-Every verb (train, eval, predict, doctor...) reads images through ``load_image`` so that odd files
-are treated the same way everywhere: EXIF orientation is applied, transparency is flattened onto
-white, 16-bit grayscale is scaled to 8 bits, images over ``MAX_PIXELS`` are refused, and any file
-that cannot be decoded raises ``ImageFileError`` naming the file.
+Every verb (train, eval, predict, serve, doctor) reads images through ``decode`` (or
+``load_image``, its image alone), so odd files are treated the same way everywhere. The policy:
+
+- the whole file is decoded at once, so a truncated or corrupt file fails here, naming the file;
+- EXIF orientation is applied (the image comes out upright);
+- images over ``MAX_PIXELS`` (Pillow's own decompression-bomb limit) are errors, never warnings;
+- 16-bit and 32-bit grayscale is scaled to 8 bits (values over 255 mean a 0..65535 range, /257),
+  never clipped; float images in 0..1 are scaled by 255;
+- palette images with transparency, LA and RGBA are composited onto a fixed white background;
+- CMYK, palette and grayscale become RGB by Pillow's standard conversion (or L for gray models).
 """
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -19,16 +26,18 @@ from cnnkit.errors import CnnkitError
 # Lower-case suffixes that count as images when listing folders; other files are ignored.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
-# Same bound as Pillow's decompression-bomb warning (~89.5 megapixels, e.g. 9459 x 9459).
-MAX_PIXELS = 89_478_485
+# Pillow's decompression-bomb bound (~89.5 megapixels, e.g. 9459 x 9459), treated as an error.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto this colour
 
 MODES = ("RGB", "L")
+ORIENTATION_TAG = 0x0112  # EXIF orientation: 1 upright, 2-8 mirrored and/or rotated
 # Pillow modes that hold no colour: a dataset made only of these is grayscale (in_chans 1).
 GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _WIDE_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})  # more than 8 bits
 # What Pillow raises on files it cannot decode (truncated, corrupt, not an image, too large).
-_DECODE_ERRORS = (
+DECODE_ERRORS = (
     UnidentifiedImageError,
     Image.DecompressionBombError,
     OSError,
@@ -52,21 +61,55 @@ def load_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
 
     Raises ``ImageFileError`` naming the file when it is missing, too large or not a readable image.
     """
+    return decode(path, mode)[0]
+
+
+def decode(
+    path: str | os.PathLike | bytes, mode: str = "RGB", name: str | None = None
+) -> tuple[Image.Image, dict]:
+    """``load_image`` plus what the file was before the policy applied: ``format``, ``mode``
+    (Pillow's, e.g. "CMYK", "I;16"), ``width``/``height`` (as stored), ``orientation`` (EXIF tag,
+    1 = upright) and ``transparency`` (whether it had an alpha channel or transparent colour).
+
+    ``path`` may also be the encoded bytes of an image (a shard member, an upload); ``name`` then
+    says where they came from in error messages."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    path = Path(path)
+    source = io.BytesIO(path) if isinstance(path, bytes | bytearray) else Path(path)
+    path = Path(name) if name is not None else source if isinstance(source, Path) else "<bytes>"
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             _check_pixels(img, path)
             img.load()  # decode now so truncated or corrupt files fail here, naming the file
+            facts = {
+                "format": img.format,
+                "mode": img.mode,
+                "width": img.width,
+                "height": img.height,
+                "orientation": int(img.getexif().get(ORIENTATION_TAG, 1) or 1),
+                "transparency": img.mode in _ALPHA_MODES or "transparency" in img.info,
+            }
             ImageOps.exif_transpose(img, in_place=True)
-            return _convert(img, mode)
+            return _convert(img, mode), facts
     except FileNotFoundError:
         raise ImageFileError(f"image file not found: {path}") from None
-    except _DECODE_ERRORS as e:
+    except DECODE_ERRORS as e:
         raise ImageFileError(
-            f"cannot read image {path}: {_reason(e)}; replace or remove the file"
+            f"cannot read image {path}: {decode_reason(e)}; replace or remove the file"
         ) from None
+
+
+def decode_opened(img: Image.Image, mode: str = "RGB") -> Image.Image:
+    """Decode an opened image (only its header read so far) into ``mode``, upright per EXIF.
+
+    For callers that vet the header first (the server checks format and pixel count before any
+    pixel is decoded); animated files give their first frame. Raises one of ``DECODE_ERRORS``.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    img.load()  # decode now so truncated or corrupt files fail here
+    ImageOps.exif_transpose(img, in_place=True)
+    return _convert(img, mode)
 
 
 def image_info(path: str | os.PathLike) -> tuple[int, int, str]:
@@ -77,9 +120,9 @@ def image_info(path: str | os.PathLike) -> tuple[int, int, str]:
             return img.width, img.height, img.mode
     except FileNotFoundError:
         raise ImageFileError(f"image file not found: {path}") from None
-    except _DECODE_ERRORS as e:
+    except DECODE_ERRORS as e:
         raise ImageFileError(
-            f"cannot read image {path}: {_reason(e)}; replace or remove the file"
+            f"cannot read image {path}: {decode_reason(e)}; replace or remove the file"
         ) from None
 
 
@@ -107,14 +150,14 @@ def _check_pixels(img: Image.Image, path: Path) -> None:
 
 
 def _convert(img: Image.Image, mode: str) -> Image.Image:
-    """Convert to ``mode``; alpha is composited onto white, 16-bit/float data scaled to 8 bits."""
+    """Convert to ``mode``; alpha composited onto BACKGROUND, 16-bit/float scaled to 8 bits."""
     if img.mode in _WIDE_MODES:
         img = _to_8bit(img)
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in _ALPHA_MODES:
         rgba = img.convert("RGBA")
-        img = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
         img.alpha_composite(rgba)
     return img.convert(mode)
 
@@ -128,7 +171,8 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="L")
 
 
-def _reason(e: BaseException) -> str:
+def decode_reason(e: BaseException) -> str:
+    """The first line of a Pillow decoding error, in words a user can act on."""
     if isinstance(e, UnidentifiedImageError):
         return "not an image file that Pillow can decode"
     text = str(e).strip().splitlines()

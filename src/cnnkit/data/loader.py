@@ -13,10 +13,11 @@ was raised in a worker process (torch would otherwise prefix the worker's traceb
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import signal
+from collections.abc import Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from cnnkit.errors import CnnkitError
 
@@ -43,28 +44,45 @@ class EpochSampler(Sampler):
     """
 
     def __init__(
-        self, size: int, *, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1
+        self,
+        size: int,
+        *,
+        shuffle: bool,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        weights: Sequence[float] | None = None,
     ) -> None:
         self.size, self.shuffle, self.seed = size, shuffle, seed
         self.rank, self.world_size = rank, world_size
-        self.epoch = 0
+        # per-sample weights: draw ``size`` indices with replacement (class-balanced sampling)
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
+        self.epoch, self.start = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select epoch ``epoch``; ``start`` skips its first indices (resuming mid-epoch)."""
+        self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        return -(-self.size // self.world_size)  # ceil
+        return -(-self.size // self.world_size) - self.start  # ceil
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+    def indices(self) -> list[int]:
+        """This rank's dataset indices for the current epoch, in order, from ``start`` on."""
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+        if self.weights is not None:
+            order = torch.multinomial(self.weights, self.size, True, generator=generator).tolist()
+        elif self.shuffle:
             order = torch.randperm(self.size, generator=generator).tolist()
         else:
             order = list(range(self.size))
         if self.world_size > 1:
-            order += order[: len(self) * self.world_size - self.size]
+            full = -(-self.size // self.world_size)
+            order += order[: full * self.world_size - self.size]
             order = order[self.rank :: self.world_size]
-        return iter([(index, self.epoch) for index in order])
+        return order[self.start :]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter([(index, self.epoch) for index in self.indices()])
 
 
 class SeededDataset(Dataset):
@@ -117,6 +135,21 @@ class EpochLoader(DataLoader):
             yield batch
 
 
+class StreamLoader(EpochLoader):
+    """Loader over a streamed (iterable) dataset: ``set_epoch`` reaches the dataset, and the
+    length is exact. Workers are started anew each epoch (not persistent) so they see the epoch;
+    each worker batches its own share of the rank's samples."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        shares = self.dataset.worker_shares(max(self.num_workers, 1))
+        if self.drop_last:
+            return sum(n // self.batch_size for n in shares)
+        return sum(-(-n // self.batch_size) for n in shares)
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
@@ -128,19 +161,32 @@ def make_loader(
     drop_last: bool | None = None,
     rank: int = 0,
     world_size: int = 1,
+    weights: Sequence[float] | None = None,
 ) -> EpochLoader:
     """A loader over ``dataset`` whose epoch ``e`` depends only on (seed, e).
 
     train: shuffle, and by default drop the last partial batch (when there is a full one).
     num_workers: None picks 0 for small in-memory datasets, else min(CPU count, 8).
     pin_memory: honoured only when CUDA is available. rank/world_size: shard for distributed runs.
+    weights: per-sample weights to draw each epoch's samples with replacement (balancing).
     """
     if batch_size < 1:
         raise CnnkitError(f"data.batch_size must be >= 1, got {batch_size}")
     workers = auto_workers(dataset) if num_workers is None else num_workers
+    if isinstance(dataset, IterableDataset):  # streamed shards: the dataset orders itself
+        dataset.set_rank(rank, world_size)
+        return StreamLoader(
+            dataset,
+            batch_size=batch_size,
+            drop_last=train if drop_last is None else drop_last,
+            num_workers=workers,
+            pin_memory=pin_memory and torch.cuda.is_available(),
+        )
     if drop_last is None:
         drop_last = train and len(dataset) > batch_size * world_size
-    sampler = EpochSampler(len(dataset), shuffle=train, seed=seed, rank=rank, world_size=world_size)
+    sampler = EpochSampler(
+        len(dataset), shuffle=train, seed=seed, rank=rank, world_size=world_size, weights=weights
+    )
     return EpochLoader(
         SeededDataset(dataset, seed),
         batch_size=batch_size,
@@ -151,7 +197,14 @@ def make_loader(
         pin_memory=pin_memory and torch.cuda.is_available(),
         # own generator: creating an iterator would otherwise draw from the global RNG
         generator=torch.Generator().manual_seed(mix_seed(seed, -1)),
+        worker_init_fn=_ignore_sigint,
     )
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """Ctrl-C reaches every process of the terminal's group; workers leave it to the main
+    process, which stops training cleanly at the next step (a dead worker would crash it)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def auto_workers(dataset: Dataset) -> int:

@@ -31,7 +31,15 @@ import torch
 from torch.utils.data import Dataset
 
 from cnnkit.config import DataConfig
-from cnnkit.data.images import GRAY_MODES, IMAGE_EXTENSIONS, image_info, list_images, load_image
+from cnnkit.data import shards
+from cnnkit.data.images import (
+    GRAY_MODES,
+    IMAGE_EXTENSIONS,
+    ImageFileError,
+    image_info,
+    list_images,
+    load_image,
+)
 from cnnkit.data.transforms import (
     eval_transform,
     image_mode,
@@ -66,6 +74,7 @@ class Splits:
     preprocessing: dict  # JSON-able; see cnnkit.data.transforms
     fingerprint: str  # changes when the files (or the built-in's version) change
     augment: dict = field(default_factory=dict)  # the train augmentation used (JSON-able)
+    skipped: list = field(default_factory=list)  # Findings of bad files left out (--skip-bad)
 
 
 class TensorImageDataset(Dataset):
@@ -179,8 +188,12 @@ def build(cfg: DataConfig, seed: int) -> Splits:
             f"data.input_size must be a positive number of pixels or null, got {cfg.input_size}"
         )
     src = _read_source(cfg)
+    skipped = preflight(src, cfg)
     train, val = src.train, src.val
-    if val is None and cfg.val_fraction > 0:
+    streamed = isinstance(train, shards.ShardDataset)
+    if streamed:
+        train.seed = seed  # shard order and shuffle buffers follow the run's seed
+    if val is None and cfg.val_fraction > 0 and not streamed:  # shards: give data.val
         keep, held = stratified_split(train.targets, cfg.val_fraction, seed)
         train, val = train.subset(keep), (train.subset(held) if len(held) else None)
     in_chans, input_size, crop = _geometry(train, cfg.input_size)
@@ -205,7 +218,34 @@ def build(cfg: DataConfig, seed: int) -> Splits:
         preprocessing=pre,
         fingerprint=src.fingerprint,
         augment=resolve_augment(pre, cfg, src.preset),
+        skipped=skipped,
     )
+
+
+def preflight(src: _Source, cfg: DataConfig) -> list:
+    """Decode every image file of the source before training (results cached by the doctor).
+    Bad files stop the run, naming them, unless ``cfg.skip_bad``: then they are left out of
+    their split and returned (as ``doctor.Finding``) for the run folder's list."""
+    from cnnkit.data.doctor import check_files
+
+    names = ("train", "val", "test")
+    files = {n: getattr(src, n) for n in names if isinstance(getattr(src, n), FileImageDataset)}
+    if not cfg.check_files or not files:
+        return []
+    bad = check_files([p for dataset in files.values() for p in dataset.paths])
+    if bad and not cfg.skip_bad:
+        shown = "; ".join(f"{f.path} ({f.kind})" for f in bad[:10])
+        more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise ImageFileError(
+            f"{len(bad)} image file(s) cannot be used: {shown}{more}. Fix or remove them, or "
+            "train with --skip-bad to leave them out (cnnkit doctor DATA gives the full report)"
+        )
+    dropped = {f.path for f in bad}
+    for name, dataset in files.items():
+        if dropped:
+            keep = [i for i, p in enumerate(dataset.paths) if str(p) not in dropped]
+            setattr(src, name, dataset.subset(keep))
+    return bad
 
 
 def _given_stats(cfg: DataConfig, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -271,16 +311,33 @@ def stratified_split(
 def _read_source(cfg: DataConfig) -> _Source:
     path = Path(cfg.source).expanduser()
     key = _builtin_key(cfg.source)
-    if key is not None and not path.exists():
+    if shards.is_shard_source(cfg.source):
+        train = shards.shard_dataset(cfg.source, shuffle=True)
+        name = Path(train.urls[0]).parent.name or "shards"
+        src = _Source(name, train.classes, train, None, None, shards.fingerprint(train))
+    elif key is not None and not path.exists():
         src = _read_builtin(key, Path(cfg.cache_dir).expanduser())
     else:
         path = _existing_path(cfg.source)
         src = _read_csv_source(path) if path.is_file() else _read_folder_source(path)
     if cfg.val is not None:
-        src.val = _labelled(_existing_path(cfg.val), src.classes)
+        src.val = _eval_split(cfg.val, src.classes)
     if cfg.test is not None:
-        src.test = _labelled(_existing_path(cfg.test), src.classes)
+        src.test = _eval_split(cfg.test, src.classes)
     return src
+
+
+def _eval_split(source: str, classes: list[str]):
+    """An explicit val/test source: tar shards, a folder of class subfolders or a CSV."""
+    if not shards.is_shard_source(source):
+        return _labelled(_existing_path(source), classes)
+    dataset = shards.shard_dataset(source, shuffle=False)
+    if dataset.classes != list(classes):
+        raise CnnkitError(
+            f"the shards {source} have classes {_short(dataset.classes)}, the training data "
+            f"{_short(classes)}"
+        )
+    return dataset
 
 
 def _read_builtin(key: str, cache_dir: Path) -> _Source:
@@ -486,7 +543,10 @@ def _geometry(
         _, chans, height, width = train.images.shape
         size = (input_size, input_size) if input_size else (height, width)
         return chans, size, "none"
-    infos = [image_info(p) for p in _even_sample(train.paths, SIZE_SAMPLE)]
+    if isinstance(train, shards.ShardDataset):
+        infos = train.headers(SIZE_SAMPLE)  # the first images of the first shards
+    else:
+        infos = [image_info(p) for p in _even_sample(train.paths, SIZE_SAMPLE)]
     chans = 1 if all(mode in GRAY_MODES for _, _, mode in infos) else 3
     if input_size is None:
         side = float(np.median([min(w, h) for w, h, _ in infos]))
@@ -503,14 +563,18 @@ def _image_stats(
     """Per-channel mean/std (0..1 units) of up to STATS_SAMPLE training images at the input size."""
     plain = make_preprocessing(in_chans, input_size, [0.0] * in_chans, [1.0] * in_chans, crop)
     dataset = train.with_transform(eval_transform(plain), image_mode(plain))
-    indices = _even_sample(range(len(dataset)), STATS_SAMPLE)
+    if isinstance(dataset, shards.ShardDataset):
+        samples = shards.first_samples(dataset, STATS_SAMPLE)
+    else:
+        indices = _even_sample(range(len(dataset)), STATS_SAMPLE)
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            samples = list(pool.map(dataset.__getitem__, indices))
     total = torch.zeros(3, in_chans, dtype=torch.float64)  # pixel count, sum, sum of squares
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for image, _ in pool.map(dataset.__getitem__, indices):
-            pixels = image.double().flatten(1)  # (C, H * W)
-            total[0] += pixels.shape[1]
-            total[1] += pixels.sum(1)
-            total[2] += (pixels**2).sum(1)
+    for image, _ in samples:
+        pixels = image.double().flatten(1)  # (C, H * W)
+        total[0] += pixels.shape[1]
+        total[1] += pixels.sum(1)
+        total[2] += (pixels**2).sum(1)
     mean = total[1] / total[0]
     std = (total[2] / total[0] - mean**2).clamp_min(1e-12).sqrt()
     return tuple(mean.tolist()), tuple(std.clamp_min(1e-3).tolist())

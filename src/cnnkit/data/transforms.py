@@ -95,15 +95,37 @@ def train_transform(preprocessing: dict, cfg: DataConfig, preset: dict | None = 
     else:
         ops = _resize_ops(preprocessing)
     if aug["pad_crop"] > 0:
-        ops.append(v2.RandomCrop(size, padding=aug["pad_crop"]))
-    if aug["hflip"] > 0:
-        ops.append(v2.RandomHorizontalFlip(aug["hflip"]))
+        mode = "reflect" if aug["pad_mode"] == "reflect" else "constant"
+        ops.append(v2.RandomCrop(size, padding=aug["pad_crop"], padding_mode=mode))
+    if aug["hflip"]:
+        # "alternate" needs the epoch, which only the batched path has: a fair coin here
+        ops.append(v2.RandomHorizontalFlip(0.5 if aug["hflip"] == "alternate" else aug["hflip"]))
     if AUTO_AUGMENTS[aug["auto_augment"]] is not None:
         ops.append(AUTO_AUGMENTS[aug["auto_augment"]]())
     ops += _tensor_ops(preprocessing)
     if aug["random_erasing"] > 0:
         ops.append(v2.RandomErasing(aug["random_erasing"]))
+    if aug["cutout"] > 0:
+        ops.append(Cutout(aug["cutout"]))
     return v2.Compose(ops)
+
+
+class Cutout:
+    """Set a ``size`` x ``size`` square (clipped at the borders, centre uniform over the image)
+    of a normalised (C, H, W) tensor to 0, i.e. to the mean colour (DeVries & Taylor, 2017)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        h, w = image.shape[-2:]
+        cy, cx = int(torch.randint(h, ()).item()), int(torch.randint(w, ()).item())
+        top, left = max(cy - self.size // 2, 0), max(cx - self.size // 2, 0)
+        image = image.clone()
+        image[
+            ..., top : cy - self.size // 2 + self.size, left : cx - self.size // 2 + self.size
+        ] = 0
+        return image
 
 
 def resolve_augment(preprocessing: dict, cfg: DataConfig, preset: dict | None = None) -> dict:
@@ -115,8 +137,10 @@ def resolve_augment(preprocessing: dict, cfg: DataConfig, preset: dict | None = 
         "hflip": _pick(cfg.hflip, preset.get("hflip"), DEFAULT_HFLIP),
         "pad_crop": _pick(cfg.pad_crop, preset.get("pad_crop"), small_pad),
         "random_resized_crop": _pick(cfg.random_resized_crop, None, side >= LARGE_INPUT),
+        "pad_mode": cfg.pad_mode,
         "auto_augment": cfg.auto_augment,
         "random_erasing": cfg.random_erasing,
+        "cutout": cfg.cutout,
     }
     _check_augment(aug)
     return aug
@@ -199,8 +223,9 @@ def _tensor_ops(preprocessing: dict) -> list:
 
 
 def _is_random(aug: dict) -> bool:
-    geometry = aug["random_resized_crop"] or aug["pad_crop"] > 0 or aug["hflip"] > 0
-    return geometry or aug["auto_augment"] != "none" or aug["random_erasing"] > 0
+    geometry = aug["random_resized_crop"] or aug["pad_crop"] > 0 or bool(aug["hflip"])
+    erase = aug["random_erasing"] > 0 or aug["cutout"] > 0
+    return geometry or aug["auto_augment"] != "none" or erase
 
 
 def _pick(value, preset_value, default):
@@ -215,8 +240,13 @@ def _check_augment(aug: dict) -> None:
             f"data.auto_augment '{aug['auto_augment']}' is unknown; "
             f"use one of {', '.join(AUTO_AUGMENTS)}"
         )
+    if isinstance(aug["hflip"], str) and aug["hflip"] != "alternate":
+        raise CnnkitError(f"data.hflip is a probability or 'alternate', got '{aug['hflip']}'")
     for key in ("hflip", "random_erasing"):
-        if not 0.0 <= aug[key] <= 1.0:
+        if not isinstance(aug[key], str) and not 0.0 <= aug[key] <= 1.0:
             raise CnnkitError(f"data.{key} is a probability in [0, 1], got {aug[key]}")
-    if aug["pad_crop"] < 0:
-        raise CnnkitError(f"data.pad_crop is a number of pixels >= 0, got {aug['pad_crop']}")
+    for key in ("pad_crop", "cutout"):
+        if aug[key] < 0:
+            raise CnnkitError(f"data.{key} is a number of pixels >= 0, got {aug[key]}")
+    if aug["pad_mode"] not in ("zero", "reflect"):
+        raise CnnkitError(f"data.pad_mode must be zero or reflect, got '{aug['pad_mode']}'")

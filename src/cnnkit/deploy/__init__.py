@@ -1,1 +1,1 @@
-"""Using a trained model: batched prediction (export and serving come in later issues)."""
+"""Using a trained model: prediction from any format, export with parity checks, bench, server."""

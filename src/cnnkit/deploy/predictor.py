@@ -1,4 +1,4 @@
-"""Batched top-k prediction for image files, folders and glob patterns.
+"""Batched top-k prediction for image files, folders and glob patterns, from any model format.
 
 Uses only the model and the preprocessing stored in its model file, so predictions match what
 the model saw at evaluation time during training.
@@ -51,7 +51,13 @@ def expand_inputs(inputs: Iterable[str | Path | Image.Image]) -> list[str | Imag
 
 
 class Predictor:
-    """A loaded model plus its preprocessing, ready to classify images in batches."""
+    """A loaded model plus its preprocessing, ready to classify images in batches.
+
+    ``model`` is anything ``cnnkit.load_model`` returns: a PyTorch model from ``.safetensors`` or
+    an exported ``.onnx``/TorchScript file; each carries the same ``.meta`` and preprocessing.
+    The server calls the steps one by one (``preprocess`` per image in request threads,
+    ``probabilities`` per micro-batch, ``top``); ``predict`` chains them for files.
+    """
 
     def __init__(self, model: nn.Module, device: str = "auto"):
         meta = getattr(model, "meta", None)
@@ -62,33 +68,45 @@ class Predictor:
             )
         self.rt = runtime.resolve(RuntimeConfig(device=device))
         self.model = model.to(self.rt.device, memory_format=self.rt.memory_format).eval()
+        self.meta = meta
         self.classes = meta["classes"]
         self.transform = eval_transform(meta["preprocessing"])
         self.mode = "L" if meta["in_chans"] == 1 else "RGB"
 
-    @torch.inference_mode()
     def predict(self, inputs, top_k: int = 5, batch_size: int = 64) -> list[dict]:
         """One dict per image: ``{"input": name, "top": [{"class", "index", "prob"}, ...]}``."""
         items = expand_inputs(inputs)
-        k = max(1, min(top_k, len(self.classes)))
         results = []
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
-            batch = torch.stack([self.transform(self._image(item)) for item in chunk])
-            with self.rt.autocast():
-                probs = self.model(self.rt.to_device(batch)).float().softmax(1)
-            top = probs.topk(k, dim=1)
-            for item, p, idx in zip(chunk, top.values.cpu(), top.indices.cpu(), strict=True):
-                results.append(
-                    {
-                        "input": item if isinstance(item, str) else "<image>",
-                        "top": [
-                            {"class": self.classes[i], "index": int(i), "prob": float(v)}
-                            for v, i in zip(p.tolist(), idx.tolist(), strict=True)
-                        ],
-                    }
-                )
+            batch = torch.stack([self.preprocess(self._image(item)) for item in chunk])
+            tops = self.top(self.probabilities(batch), top_k)
+            for item, top in zip(chunk, tops, strict=True):
+                results.append({"input": item if isinstance(item, str) else "<image>", "top": top})
         return results
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """A decoded image -> the normalised float tensor (C, H, W) the model expects."""
+        return self.transform(image.convert(self.mode))
+
+    @torch.inference_mode()
+    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        """Softmax over classes for a preprocessed batch (B, C, H, W), as float32 on the CPU."""
+        with self.rt.autocast():
+            logits = self.model(self.rt.to_device(batch))
+        return logits.float().softmax(1).cpu()
+
+    def top(self, probs: torch.Tensor, top_k: int) -> list[list[dict]]:
+        """The ``top_k`` classes of each row of ``probs`` (B, num_classes), best first."""
+        k = max(1, min(top_k, len(self.classes)))
+        values, indices = probs.topk(k, dim=1)
+        return [
+            [
+                {"class": self.classes[i], "index": int(i), "prob": float(v)}
+                for v, i in zip(row_v, row_i, strict=True)
+            ]
+            for row_v, row_i in zip(values.tolist(), indices.tolist(), strict=True)
+        ]
 
     def _image(self, item: str | Image.Image) -> Image.Image:
         if isinstance(item, Image.Image):

@@ -79,23 +79,26 @@ class Lookahead:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        """Count a step. ``model`` may be a DDP or compiled wrapper: the pull works on the
+        unwrapped ``module`` it was built with, which shares the wrapper's parameters."""
         self.updates += 1
         if self.updates % self.every == 0:
-            self._pull(model, self.decay(self.updates))
+            self._pull(self.decay(self.updates))
         if self.updates == self.total_steps:
-            self._pull(model, 1.0)
+            self._pull(1.0)
 
-    def _pull(self, model: nn.Module, decay: float) -> None:
-        for name, fast in _float_state(model).items():
+    def _pull(self, decay: float) -> None:
+        for name, fast in _float_state(self.module).items():
             slow = self.slow[name]
             slow.lerp_(fast, 1.0 - decay)
             fast.copy_(slow)
 
     def state_dict(self) -> dict:
-        return {"slow": dict(self.slow), "updates": self.updates}
+        # the slow weights under "module", as in Ema's state, so checkpoint checks treat both alike
+        return {"module": dict(self.slow), "updates": self.updates}
 
     def load_state_dict(self, state: dict) -> None:
-        for name, value in state["slow"].items():
+        for name, value in state["module"].items():
             self.slow[name].copy_(value)
         self.updates = state["updates"]
 
@@ -154,13 +157,17 @@ class BestTracker:
 class MetricsLog:
     """``metrics.csv`` (one row per epoch, rewritten atomically) and optional TensorBoard."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = False):
+    def __init__(self, run_dir: Path, tensorboard: bool = False, write: bool = True):
         self.path = run_dir / "metrics.csv"
         self.rows: list[dict] = []
-        self.writer = _tensorboard_writer(run_dir / "tensorboard") if tensorboard else None
+        self.write = write  # False in distributed ranks other than 0: rows kept, no files
+        use_tb = tensorboard and write
+        self.writer = _tensorboard_writer(run_dir / "tensorboard") if use_tb else None
 
     def append(self, row: dict) -> None:
         self.rows.append(row)
+        if not self.write:
+            return
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=list(row))
         writer.writeheader()
@@ -257,9 +264,28 @@ class Progress:
             self._live = None
 
 
+class SilentProgress(Progress):
+    """Progress of distributed ranks other than 0: prints nothing."""
+
+    def __init__(self, epochs: int) -> None:
+        super().__init__("plain", epochs)
+
+    def start_epoch(self, epoch: int, steps: int) -> None:
+        pass
+
+    def step(self, step: int, running: dict) -> None:
+        pass
+
+    def end_epoch(self, row: dict) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
+
+
 def format_row(row: dict, epochs: int) -> str:
     parts = [f"epoch {row['epoch']}/{epochs}"]
-    for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc"):
         if key in row and row[key] == row[key]:  # skip NaN (no validation split)
             parts.append(f"{key} {row[key]:.4f}")
     parts.append(f"lr {row['lr']:.3g}")

@@ -6,7 +6,10 @@
   in the safetensors metadata. Loading it never unpickles anything.
 
 Every file is written atomically: to a temporary file in the same folder, fsynced, then moved over
-the target with ``os.replace``, so a crash leaves either the old file or the new one, never half.
+the target with ``os.replace`` and the folder fsynced, so a crash leaves either the old file or the
+new one, never half; a failed write (disk full...) raises and leaves the old file and no temporary.
+Weights that are not finite (NaN/inf) are never written. Each checkpoint save keeps the one before
+as ``previous.pt``, so a damaged ``last.pt`` still leaves a good checkpoint to resume from.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -37,8 +41,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise CnnkitError(
+                f"cannot write {path}: {e.strerror or e}; the previous file is unchanged"
+            ) from e
         raise
     _fsync_dir(path.parent)
 
@@ -56,11 +64,64 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(path: str | Path, state: dict) -> None:
-    """Atomically save a training state made of tensors and plain values."""
+def save_checkpoint(path: str | Path, state: dict, keep_previous: bool = False) -> None:
+    """Atomically save a training state made of tensors and plain values; refuses non-finite
+    weights. ``keep_previous``: the file being replaced stays as ``previous.pt`` beside it."""
+    path = Path(path)
+    check_finite(state.get("model", {}), path)
+    if isinstance(state.get("ema"), dict):
+        check_finite(state["ema"]["module"], path)
     buf = io.BytesIO()
     torch.save(state, buf)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed earlier save
+        stale.unlink(missing_ok=True)
+    if keep_previous and path.is_file():
+        _copy_atomic(path, path.with_name(PREVIOUS))
     atomic_write_bytes(path, buf.getvalue())
+
+
+PREVIOUS = "previous.pt"
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    """``dst`` becomes a copy of ``src`` (a hard link when the filesystem has them), atomically."""
+    tmp = dst.with_name(f".{dst.name}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    _fsync_dir(dst.parent)
+
+
+def check_finite(state_dict: dict, path: Path) -> None:
+    """Raise instead of writing NaN/inf weights: such a file would poison every later use."""
+    for name, value in state_dict.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not value.isfinite().all():
+            raise CnnkitError(f"refusing to write non-finite weights ({name}) to {path}")
+
+
+def load_latest(folder: str | Path) -> tuple[dict, Path]:
+    """The newest checkpoint in ``folder`` that loads: ``last.pt``, else ``previous.pt`` (with a
+    note saying why). Raises when none does."""
+    folder = Path(folder)
+    tried = []
+    for name in ("last.pt", PREVIOUS):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            state = load_checkpoint(path)
+        except CnnkitError as e:
+            tried.append(str(e))
+            continue
+        if tried:
+            print(f"note: {tried[0]}; resuming from the newest good checkpoint {path} instead")
+        return state, path
+    if not tried:
+        raise CnnkitError(f"no checkpoint in {folder} (expected last.pt or {PREVIOUS})")
+    raise CnnkitError(f"no usable checkpoint in {folder}: {'; '.join(tried)}")
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -76,6 +137,7 @@ def load_checkpoint(path: str | Path) -> dict:
 
 def save_model_file(path: str | Path, state_dict: dict, meta: dict) -> None:
     """Write weights + JSON metadata (architecture, classes, preprocessing...) as safetensors."""
+    check_finite(state_dict, Path(path))
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
     metadata = {"format": MODEL_FORMAT, "cnnkit": json.dumps(meta)}  # key order matters (spec)
     atomic_write_bytes(path, st_save(tensors, metadata=metadata))

@@ -2,11 +2,18 @@
 
 Each epoch: seed the epoch's randomness from (seed, epoch), train, validate, step the schedule,
 keep the best weights in ``model.safetensors``, log a row to ``metrics.csv``, then write
-``checkpoints/last.pt`` with everything needed to continue exactly from here.
+``checkpoints/last.pt`` with everything needed to continue exactly from here (the one before is
+kept as ``previous.pt``).
+
+SIGINT/SIGTERM stop after the current step: the checkpoint then also records the step within the
+epoch, the RNG state and the epoch's partial sums, and resuming continues the same batches. A
+non-finite loss stops the run naming the step and the batch's files (or is skipped, as
+``train.nan_policy`` says); nothing non-finite is ever written.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,18 +22,36 @@ import torch
 from torch import nn
 
 from cnnkit.config import Config
-from cnnkit.data import make_loader
+from cnnkit.data.doctor import IMBALANCE_RATIO
+from cnnkit.data.loader import EpochSampler
+from cnnkit.data.memory import run_loader
 from cnnkit.data.transforms import batch_mix
-from cnnkit.engine import runtime
-from cnnkit.engine.callbacks import BestTracker, MetricsLog, Progress, weight_averager
+from cnnkit.engine import distributed, runtime
+from cnnkit.engine.callbacks import (
+    BestTracker,
+    MetricsLog,
+    Progress,
+    SilentProgress,
+    weight_averager,
+)
 from cnnkit.engine.checkpoint import save_checkpoint, save_model_file
-from cnnkit.engine.loop import StepTools, evaluate, train_one_epoch
+from cnnkit.engine.interrupt import Interrupted, StopRequest
+from cnnkit.engine.loop import (
+    NonFiniteLoss,
+    StepTools,
+    Stopped,
+    evaluate,
+    train_one_epoch,
+)
 from cnnkit.engine.optim import EPOCH_SCHEDULERS, create_optimizer, create_scheduler
 from cnnkit.errors import CnnkitError
+from cnnkit.evaluation.metrics import per_class
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
 INIT_SAMPLE = 5000  # training images shown to a model's init_from_data (airbench whitens on 5000)
 MONITORS = ("val_acc", "val_loss", "train_acc", "train_loss")
+BALANCE = ("auto", "sampler", "loss", "none")
+NAN_POLICIES = ("stop", "skip")
 
 
 @dataclass
@@ -37,6 +62,7 @@ class FitResult:
     best_epoch: int  # 1-based; 0 when no epoch ran
     epochs_done: int
     stopped_early: bool
+    model: nn.Module | None = None  # the trained module with its last weights (not the best)
     timings: dict = field(default_factory=dict)  # seconds: init_from_data; api adds final_eval
 
 
@@ -49,64 +75,119 @@ def fit(
     *,
     resume: dict | None = None,
     stop_after: int | None = None,
+    allow_world_change: bool = False,
 ) -> FitResult:
     """Train ``model`` on ``splits`` as ``cfg`` says, writing everything into ``run_dir``.
 
     ``model_meta`` is stored in the model file (architecture, classes, preprocessing).
     ``resume`` is a checkpoint dict to continue from; ``stop_after`` ends this call after that
-    many epochs (the run can be resumed later), for time-boxed jobs.
+    many epochs (the run can be resumed later), for time-boxed jobs. In a distributed run
+    (see ``cnnkit.engine.distributed``) every process calls this; only rank 0 writes.
     """
     tc = cfg.train
     _check_monitor(cfg, has_val=splits.val is not None)
+    _check_choice("train.balance", tc.balance, BALANCE)
+    _check_choice("train.nan_policy", tc.nan_policy, NAN_POLICIES)
+    dd = distributed.current()
     rt = runtime.resolve(cfg.runtime, tc.deterministic)
+    if dd.enabled and rt.device.type == "cuda":
+        rt = dataclasses.replace(rt, device=torch.device("cuda", dd.local_rank))
     model = model.to(rt.device, memory_format=rt.memory_format)
     num_classes = len(splits.classes)
+    balance, counts, imbalanced = _balance(tc.balance, splits.train.targets, num_classes)
+    progress = Progress(tc.progress, tc.epochs) if dd.main else SilentProgress(tc.epochs)
+    weights = (
+        (1.0 / counts)[torch.as_tensor(splits.train.targets)] if balance == "sampler" else None
+    )
+    train_loader = _loader(splits, splits.train, cfg, rt, progress.message, dd, weights)
+    has_val = splits.val is not None
+    val_loader = _loader(splits, splits.val, cfg, rt, progress.message, dd) if has_val else None
 
-    train_loader = _loader(splits.train, cfg, rt, train=True)
-    val_loader = _loader(splits.val, cfg, rt, train=False) if splits.val is not None else None
     timings = {} if resume else _init_from_data(model, train_loader, rt)
-    optimizer = create_optimizer(model, cfg.optim, cfg.data.batch_size)
+    # the default lr follows the global batch: batch_size per process x processes
+    optimizer = create_optimizer(model, cfg.optim, cfg.data.batch_size * dd.world_size)
     scheduler = create_scheduler(optimizer, cfg.optim, tc.epochs, len(train_loader))
     per_step = cfg.optim.scheduler not in EPOCH_SCHEDULERS
+    class_weight = _class_weights(counts).to(rt.device) if balance == "loss" else None
     tools = StepTools(
         optimizer=optimizer,
-        loss_fn=nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing),
+        loss_fn=nn.CrossEntropyLoss(weight=class_weight, label_smoothing=tc.label_smoothing),
         scheduler=scheduler if per_step else None,
         scaler=rt.grad_scaler(),
         grad_clip=tc.grad_clip,
         mix=batch_mix(cfg.data, num_classes),
         ema=weight_averager(model, tc, tc.epochs * len(train_loader)),
+        note=progress.message,
+        nan_policy=tc.nan_policy,
+        nan_limit=tc.nan_limit,
     )
+    # DDP and compiled wrappers share the parameters; state dicts are always taken from ``model``
+    train_model = distributed.wrap(model, rt.device, cfg.runtime.sync_bn)
+    train_model = torch.compile(train_model) if rt.compile else train_model
     tracker = BestTracker(tc.monitor, tc.patience)
-    log = MetricsLog(run_dir, tc.tensorboard)
-    progress = Progress(tc.progress, tc.epochs)
-    start = _restore(resume, model, tools, scheduler, tracker, log) if resume else 0
+    log = MetricsLog(run_dir, tc.tensorboard, write=dd.main)
+    start, start_step, partial = (0, 0, None)
+    if resume:
+        _check_world_size(resume, dd.world_size, allow_world_change)
+        start, start_step, partial = _restore(resume, model, tools, scheduler, tracker, log)
     progress.message(
         f"training {model_meta['arch']} on {splits.name}: "
         f"{len(splits.train)} train / {len(splits.val) if splits.val else 0} val "
-        f"images, {num_classes} classes, {rt.describe()}, epochs {start + 1}..{tc.epochs}"
+        f"images, {num_classes} classes, {rt.describe()}, balance {balance}, "
+        f"epochs {start + 1}..{tc.epochs}"
+        + (f" (from step {start_step})" if start_step else "")
+        + (f", {dd.world_size} processes" if dd.enabled else "")
     )
 
+    def save(epochs_done: int, **extra) -> None:
+        if dd.main:
+            state = _state(
+                epochs_done, model, tools, scheduler, tracker, log, cfg, splits.fingerprint
+            )
+            state = {**state, "world_size": dd.world_size, **extra}
+            save_checkpoint(run_dir / CHECKPOINT, state, keep_previous=True)
+        distributed.barrier()  # nobody runs ahead of (or reads) a checkpoint being written
+
+    stop = tools.stop = StopRequest().install()
     try:
         for epoch in range(start, tc.epochs):
             _set_frozen(model, frozen=epoch < tc.freeze_epochs)
             torch.manual_seed(runtime.epoch_seed(tc.seed, epoch))  # dropout, MixUp draws
-            train_loader.sampler.set_epoch(epoch)
-            lr = optimizer.param_groups[0]["lr"]
+            skip = start_step if epoch == start else 0  # steps already done (resumed mid-epoch)
+            _set_epoch(train_loader, epoch, skip)
+            if skip:
+                runtime.set_rng_state(resume["rng"])  # the RNG as it was at the interruption
+            lr = partial["lr"] if skip else optimizer.param_groups[0]["lr"]
             progress.start_epoch(epoch, len(train_loader))
-            train = train_one_epoch(model, train_loader, tools, rt, progress.step)
+            tools.after_step = distributed.fault_hook(epoch)
+            try:
+                train = train_one_epoch(train_model, train_loader, tools, rt, progress.step)
+            except Stopped as s:
+                totals = _add_totals(partial if skip else None, s.totals, lr)
+                save(epoch, step=skip + s.steps, partial=totals)
+                raise Interrupted(stop.signum, _stopped(run_dir, epoch, skip + s.steps)) from None
+            except NonFiniteLoss as e:
+                files = _batch_files(train_loader, splits.train, e.step)
+                raise CnnkitError(_non_finite_message(e, epoch, skip, files, tc)) from None
+            if skip:
+                train = _merge(train, partial)
+            if rt.compile and epoch == start:
+                progress.message(f"compile warm-up: {train['first_step']:.1f} s (first step)")
             eval_model = tools.ema.module if tools.ema is not None else model
             val = evaluate(eval_model, val_loader, rt, num_classes) if val_loader else None
             row = _row(epoch, train, val, lr)
+            if imbalanced and val is not None:
+                row.update(_class_recalls(val["confusion"], splits.classes))
             if not per_step:
                 scheduler.step(tracker.score(row))
-            if val is None or tracker.update(row, epoch + 1):
+            improved = val is None or tracker.update(row, epoch + 1)
+            if improved and dd.main:
                 save_model_file(run_dir / "model.safetensors", eval_model.state_dict(), model_meta)
             log.append(row)
             progress.end_epoch(row)
-            save_checkpoint(
-                run_dir / CHECKPOINT, _state(epoch + 1, model, tools, scheduler, tracker, log, cfg)
-            )
+            save(epoch + 1)
+            if stop():
+                raise Interrupted(stop.signum, _stopped(run_dir, epoch + 1, 0))
             if tracker.should_stop:
                 progress.message(
                     f"early stop: {tc.monitor} has not improved for "
@@ -117,6 +198,7 @@ def fit(
             if stop_after is not None and epoch + 1 - start >= stop_after:
                 break
     finally:
+        stop.restore()
         progress.close()
         log.close()
     return FitResult(
@@ -126,18 +208,29 @@ def fit(
         best_epoch=max(tracker.best_epoch, 0) if val_loader else len(log.rows),
         epochs_done=len(log.rows),
         stopped_early=tracker.should_stop,
+        model=model,
         timings=timings,
     )
 
 
-def _loader(dataset, cfg: Config, rt: runtime.Runtime, train: bool):
-    return make_loader(
+def _loader(splits, dataset, cfg: Config, rt: runtime.Runtime, note, dd, weights=None):
+    """In-memory batches augmented on the device when the split fits, else a DataLoader.
+    Distributed: each process trains on its share; validation reads the whole split."""
+    train = dataset is splits.train
+    return run_loader(
         dataset,
+        splits.preprocessing,
+        splits.augment if train else None,
+        cfg.data,
         cfg.data.batch_size,
         train=train,
         seed=cfg.train.seed,
-        num_workers=cfg.data.num_workers,
-        pin_memory=rt.device.type == "cuda",
+        device=rt.device,
+        memory_format=rt.memory_format,
+        note=note,
+        weights=weights,
+        rank=dd.rank if train else 0,
+        world_size=dd.world_size if train else 1,
     )
 
 
@@ -147,7 +240,7 @@ def _init_from_data(model: nn.Module, loader, rt: runtime.Runtime) -> dict:
     if not hasattr(model, "init_from_data"):
         return {}
     start, batches, seen = time.perf_counter(), [], 0
-    loader.sampler.set_epoch(0)
+    _set_epoch(loader, 0, 0)
     for images, _ in loader:
         batches.append(images)
         seen += images.shape[0]
@@ -155,6 +248,111 @@ def _init_from_data(model: nn.Module, loader, rt: runtime.Runtime) -> dict:
             break
     model.init_from_data(rt.to_device(torch.cat(batches)[:INIT_SAMPLE]))
     return {"init_from_data": time.perf_counter() - start}
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise CnnkitError(f"{key} must be one of {', '.join(choices)}, got '{value}'")
+
+
+def _balance(mode: str, targets, num_classes: int) -> tuple[str, torch.Tensor, bool]:
+    """(balance used, class counts (float), imbalanced?); "auto" samples balanced batches when
+    the largest class is IMBALANCE_RATIO times the smallest or more. Streamed shards list no
+    labels up front: no balancing there (asking for it is an error)."""
+    if len(targets) == 0:
+        if mode in ("sampler", "loss"):
+            raise CnnkitError(
+                f"--balance {mode} needs every training image's class up front; data streamed "
+                "from shards has none: use --balance none"
+            )
+        return "none", torch.ones(num_classes, dtype=torch.float64), False
+    counts = torch.bincount(
+        torch.as_tensor(targets, dtype=torch.long), minlength=num_classes
+    ).double()
+    present = counts[counts > 0]
+    imbalanced = bool(present.max() >= IMBALANCE_RATIO * present.min())
+    if mode == "auto":
+        mode = "sampler" if imbalanced else "none"
+    return mode, counts.clamp_min(1), imbalanced
+
+
+def _class_weights(counts: torch.Tensor) -> torch.Tensor:
+    """Loss weight per class, n / (k * count): each class contributes equally on average."""
+    return (counts.sum() / (len(counts) * counts)).float()
+
+
+def _class_recalls(confusion: torch.Tensor, classes: list[str]) -> dict:
+    rows = [r for r in per_class(confusion, classes) if r["support"] > 0]
+    out = {"val_balanced_acc": sum(r["recall"] for r in rows) / max(len(rows), 1)}
+    out.update({f"val_recall_{r['class']}": r["recall"] for r in rows})
+    return out
+
+
+def _add_totals(before: dict | None, totals: dict, lr: float) -> dict:
+    """Sums of an interrupted epoch's steps so far (across several interruptions)."""
+    out = {"loss_sum": totals["loss_sum"], "correct": totals["correct"], "seen": totals["seen"]}
+    if before is not None:
+        out = {k: out[k] + before[k] for k in out}
+    return {**out, "lr": lr}
+
+
+def _merge(train: dict, partial: dict) -> dict:
+    """The epoch's metrics over the steps before and after an interruption."""
+    seen = train["images"] + partial["seen"]
+    return {
+        **train,
+        "loss": (train["loss"] * train["images"] + partial["loss_sum"]) / seen,
+        "acc": (train["acc"] * train["images"] + partial["correct"]) / seen,
+        "images": seen,
+    }
+
+
+def _stopped(run_dir: Path, epochs_done: int, step: int) -> str:
+    where = f"epoch {epochs_done + 1} step {step}" if step else f"the end of epoch {epochs_done}"
+    return f"stopped at {where}; checkpoint saved; continue with: cnnkit train --resume {run_dir}"
+
+
+def _set_epoch(loader, epoch: int, skip_steps: int) -> None:
+    """Select ``epoch`` (its first ``skip_steps`` steps already done, after a mid-epoch stop)."""
+    if isinstance(getattr(loader, "sampler", None), EpochSampler):
+        loader.sampler.set_epoch(epoch, start=skip_steps * loader.batch_size)
+        return
+    if skip_steps:  # streamed shards have no random access to skip into
+        raise CnnkitError(
+            "this run stopped in the middle of an epoch and its data is streamed from shards, "
+            "which cannot resume mid-epoch; resume from the previous epoch's checkpoint"
+        )
+    loader.set_epoch(epoch)
+
+
+def _batch_files(loader, dataset, step: int) -> list[str]:
+    """The files (or sample indices, for in-memory data) of batch ``step`` of the current pass."""
+    if not isinstance(getattr(loader, "sampler", None), EpochSampler):
+        return ["(streamed shards: not recorded)"]
+    size = loader.batch_size
+    indices = [i for i, _ in loader.sampler][step * size : (step + 1) * size]
+    paths = getattr(dataset, "paths", None)
+    return [str(paths[i]) for i in indices] if paths is not None else [f"#{i}" for i in indices]
+
+
+def _non_finite_message(e: NonFiniteLoss, epoch: int, skip: int, files: list[str], tc) -> str:
+    limit = f" after skipping {e.skipped} (train.nan_limit)" if tc.nan_policy == "skip" else ""
+    shown = ", ".join(files[:8]) + (f" and {len(files) - 8} more" if len(files) > 8 else "")
+    return (
+        f"non-finite loss ({e.value}) at epoch {epoch + 1} step {skip + e.step + 1}{limit}; "
+        f"batch: {shown}; no update was applied and no checkpoint or model file was written "
+        "for it. Check those images, lower the learning rate, or use --nan-policy skip"
+    )
+
+
+def _check_world_size(state: dict, world_size: int, allowed: bool) -> None:
+    saved = state.get("world_size", 1)
+    if saved != world_size and not allowed:
+        raise CnnkitError(
+            f"this run was trained with {saved} process(es) and is resumed with {world_size}; "
+            "each process's share of the data would change, so it would not continue exactly. "
+            f"Resume with {saved} process(es), or pass --allow-world-change"
+        )
 
 
 def _check_monitor(cfg: Config, has_val: bool) -> None:
@@ -194,12 +392,19 @@ def _row(epoch: int, train: dict, val: dict | None, lr: float) -> dict:
         "lr": lr,
         "epoch_time": train["seconds"],
         "images_per_s": train["images"] / max(train["seconds"], 1e-9),
+        "skipped_steps": train.get("skipped_steps", 0),
     }
 
 
-def _state(epochs_done: int, model, tools: StepTools, scheduler, tracker, log, cfg) -> dict:
+def _state(
+    epochs_done: int, model, tools: StepTools, scheduler, tracker, log, cfg, fingerprint: str
+) -> dict:
     return {
         "epoch": epochs_done,
+        "step": 0,  # steps done in epoch ``epoch`` (interrupted mid-epoch), with their sums:
+        "partial": None,
+        "nan_skipped": tools.skipped,
+        "fingerprint": fingerprint,
         "model": model.state_dict(),
         "optimizer": tools.optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -212,7 +417,8 @@ def _state(epochs_done: int, model, tools: StepTools, scheduler, tracker, log, c
     }
 
 
-def _restore(state: dict, model, tools: StepTools, scheduler, tracker, log) -> int:
+def _restore(state: dict, model, tools: StepTools, scheduler, tracker, log) -> tuple:
+    """Load ``state`` into the training objects; (epochs done, steps into the next, partial)."""
     model.load_state_dict(state["model"])
     tools.optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -223,4 +429,5 @@ def _restore(state: dict, model, tools: StepTools, scheduler, tracker, log) -> i
     tracker.load_state_dict(state["tracker"])
     log.rows = list(state["history"])
     runtime.set_rng_state(state["rng"])
-    return state["epoch"]
+    tools.skipped = state.get("nan_skipped", 0)
+    return state["epoch"], state.get("step", 0), state.get("partial")

@@ -1,7 +1,17 @@
 """One epoch of training and one pass of evaluation, written out explicitly.
 
 Metrics are summed on the device and read once at the end (a ``.item()`` per step would force a
-host sync per step on a GPU); the progress display reads them only every ``REFRESH_STEPS`` steps.
+host sync per step on a GPU); the progress display reads them at most every ``REFRESH_SECONDS``.
+
+Out of GPU memory in the middle of a run (a larger batch of images, fragmentation) does not end
+it: the step is redone as 2, 4, ... micro-batches whose gradients add up to the same batch's
+(gradient accumulation), and the run keeps that split from then on.
+
+Two checks run at step boundaries. A non-finite loss is caught after backward and before the
+optimizer step (one host read of a scalar per step: it waits for backward to finish, which costs
+only the launch latency of the optimizer step, while checking before backward would stall the
+whole backward launch): ``StepTools.nan_policy`` "stop" raises ``NonFiniteLoss``, "skip" drops the
+update and counts it. ``StepTools.stop`` (a signal flag) raises ``Stopped`` before the next step.
 """
 
 from __future__ import annotations
@@ -13,9 +23,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cnnkit.engine import distributed
 from cnnkit.engine.runtime import Runtime
+from cnnkit.errors import CnnkitError
 
-REFRESH_STEPS = 10  # progress refresh interval: reading the running loss costs a device sync
+REFRESH_SECONDS = 1.0  # progress refresh interval: reading the running loss costs a device sync
 
 
 @dataclass
@@ -29,6 +41,30 @@ class StepTools:
     grad_clip: float | None = None
     mix: Callable | None = None  # (images, labels) -> (images, soft labels): MixUp/CutMix
     ema: object | None = None  # has .update(model)
+    accum: int = 1  # micro-batches per step; doubled when a step runs out of GPU memory
+    after_step: Callable[[int], None] | None = None  # called with the step index after each step
+    note: Callable[[str], None] = print
+    nan_policy: str = "stop"  # stop | skip: what a non-finite loss does
+    nan_limit: int = 10  # skip: raise NonFiniteLoss once more steps than this were skipped
+    skipped: int = 0  # steps skipped for a non-finite loss so far in the run
+    overflow: torch.Tensor | int = 0  # steps the grad scaler skipped (summed on the device)
+    stop: Callable[[], bool] | None = None  # True: end the epoch before the next step
+
+
+class NonFiniteLoss(Exception):
+    """The loss of step ``step`` (0-based in this pass) was NaN/inf; no update was applied."""
+
+    def __init__(self, step: int, value: float, skipped: int):
+        super().__init__(f"non-finite loss {value} at step {step}")
+        self.step, self.value, self.skipped = step, value, skipped
+
+
+class Stopped(Exception):
+    """``StepTools.stop`` asked to stop; ``steps`` steps were applied, ``totals`` sums them."""
+
+    def __init__(self, steps: int, totals: dict):
+        super().__init__(f"stopped after step {steps}")
+        self.steps, self.totals = steps, totals
 
 
 def train_one_epoch(
@@ -43,13 +79,26 @@ def train_one_epoch(
     loss_sum = torch.zeros((), device=rt.device)
     correct = torch.zeros((), device=rt.device, dtype=torch.long)
     seen, start = 0, time.perf_counter()
+    first_step, last_refresh = None, start
+    skipped_before = tools.skipped + int(tools.overflow)  # one read per epoch, not per step
     for step, (images, labels) in enumerate(loader):
+        # checked before a step, not after, so a stop during the last step ends the epoch normally
+        if step and tools.stop is not None and tools.stop():
+            totals = {"loss_sum": loss_sum.item(), "correct": correct.item(), "seen": seen}
+            raise Stopped(step, totals)
         images, labels = rt.to_device(images), labels.to(rt.device, non_blocking=True)
-        loss, logits = _train_step(model, images, labels, tools, rt)
-        loss_sum += loss.detach() * labels.shape[0]
-        correct += (logits.detach().argmax(1) == labels).sum()
-        seen += labels.shape[0]
-        if progress is not None and (step + 1) % REFRESH_STEPS == 0:
+        loss, logits = _train_step(model, images, labels, tools, rt, step)
+        if loss is not None:  # None: skipped for a non-finite loss
+            loss_sum += loss.detach() * labels.shape[0]
+            correct += (logits.detach().argmax(1) == labels).sum()
+            seen += labels.shape[0]
+        if tools.after_step is not None:
+            tools.after_step(step)
+        now = time.perf_counter()
+        if first_step is None:
+            first_step = now - start  # includes compilation when the model is compiled
+        if progress is not None and now - last_refresh >= REFRESH_SECONDS:
+            last_refresh = now
             progress(
                 step + 1,
                 {
@@ -60,31 +109,60 @@ def train_one_epoch(
                 },
             )
     seconds = time.perf_counter() - start
+    # sums over all processes of a distributed run (one message per epoch)
+    totals = torch.stack([loss_sum.double(), correct.double(), loss_sum.new_tensor(seen).double()])
+    loss_total, correct_total, seen = distributed.sum_(totals).tolist()
     seen = max(seen, 1)
     return {
-        "loss": loss_sum.item() / seen,
-        "acc": correct.item() / seen,
-        "images": seen,
+        "loss": loss_total / seen,
+        "acc": correct_total / seen,
+        "images": int(seen),
         "seconds": seconds,
+        "first_step": first_step or 0.0,
+        "skipped_steps": tools.skipped + int(tools.overflow) - skipped_before,
     }
 
 
-def _train_step(model, images, labels, tools: StepTools, rt: Runtime):
+def _train_step(model, images, labels, tools: StepTools, rt: Runtime, step: int = 0):
+    """One optimizer step on the batch; on out-of-memory, retried in twice as many pieces.
+    Returns (loss, logits), or (None, None) when a non-finite loss was skipped."""
     targets = labels
     if tools.mix is not None:
         images, targets = tools.mix(images, labels)
-    with rt.autocast():
-        logits = model(images)  # (B, num_classes)
-        loss = tools.loss_fn(logits.float(), targets)
-    tools.optimizer.zero_grad(set_to_none=True)
+    # a NaN batch poisons batch-norm statistics in the forward pass; "skip" must undo that
+    buffers = [b.clone() for b in model.buffers()] if tools.nan_policy == "skip" else None
+    while True:
+        try:
+            loss, logits = _forward_backward(model, images, targets, tools, rt)
+            break
+        except torch.OutOfMemoryError:
+            tools.optimizer.zero_grad(set_to_none=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if tools.accum >= images.shape[0]:
+                raise CnnkitError(
+                    "out of GPU memory even with one image per micro-batch; use a smaller model "
+                    "or input size"
+                ) from None
+            tools.accum = min(tools.accum * 2, images.shape[0])
+            tools.note(
+                f"note: out of GPU memory at {images.shape[0]} images per step; continuing "
+                f"with {tools.accum} micro-batches of ~{-(-images.shape[0] // tools.accum)} "
+                "(same effective batch)"
+            )
+    if _non_finite(loss, tools, step):
+        for saved, buffer in zip(buffers, model.buffers(), strict=True):
+            buffer.copy_(saved)
+        return None, None
     if tools.scaler is not None:
-        tools.scaler.scale(loss).backward()
         tools.scaler.unscale_(tools.optimizer)
         _clip(model, tools.grad_clip)
+        # found_inf has no public per-step accessor; summing it stays on the device (no sync)
+        found_inf = tools.scaler._found_inf_per_device(tools.optimizer).values()
+        tools.overflow = tools.overflow + sum(found_inf)
         tools.scaler.step(tools.optimizer)
         tools.scaler.update()
     else:
-        loss.backward()
         _clip(model, tools.grad_clip)
         tools.optimizer.step()
     if tools.scheduler is not None:
@@ -92,6 +170,47 @@ def _train_step(model, images, labels, tools: StepTools, rt: Runtime):
     if tools.ema is not None:
         tools.ema.update(model)
     return loss, logits
+
+
+def _non_finite(loss: torch.Tensor, tools: StepTools, step: int) -> bool:
+    """True when this step must be skipped; raises NonFiniteLoss when it must stop the run."""
+    if bool(loss.detach().isfinite()):  # the one per-step host sync (see the module docstring)
+        return False
+    tools.optimizer.zero_grad(set_to_none=True)
+    if tools.nan_policy == "skip" and tools.skipped < tools.nan_limit:
+        tools.skipped += 1
+        return True
+    raise NonFiniteLoss(step, loss.item(), tools.skipped)
+
+
+def _forward_backward(model, images, targets, tools: StepTools, rt: Runtime):
+    """Gradients of the batch's mean loss, in ``tools.accum`` micro-batches; (loss, logits)."""
+    tools.optimizer.zero_grad(set_to_none=True)
+    if tools.accum == 1:
+        with rt.autocast():
+            logits = model(images)  # (B, num_classes)
+            loss = tools.loss_fn(logits.float(), targets)
+        _backward(loss, tools)
+        return loss, logits
+    total = images.shape[0]
+    losses, all_logits = [], []
+    for part, part_targets in zip(
+        images.chunk(tools.accum), targets.chunk(tools.accum), strict=True
+    ):
+        with rt.autocast():
+            logits = model(part)
+            loss = tools.loss_fn(logits.float(), part_targets) * (part.shape[0] / total)
+        _backward(loss, tools)
+        losses.append(loss.detach())
+        all_logits.append(logits.detach())
+    return torch.stack(losses).sum(), torch.cat(all_logits)
+
+
+def _backward(loss: torch.Tensor, tools: StepTools) -> None:
+    if tools.scaler is not None:
+        tools.scaler.scale(loss).backward()
+    else:
+        loss.backward()
 
 
 def _clip(model: nn.Module, max_norm: float | None) -> None:

@@ -55,12 +55,32 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.batchnorm._NormBase | nn.GroupNorm | nn.LayerNorm)
 
 
+def _multi_tensor(groups: list[dict], kind: str) -> dict:
+    """Update all parameters in a few big kernels instead of one small one per tensor, on CUDA
+    and CPU. Measured on 2 CPU cores, 2.1M parameters, per step: SGD 7.0 ms (per tensor) ->
+    3.6 ms (foreach) / 2.9 ms (fused); AdamW 14.9 -> 4.4 ms (fused). SGD stays on foreach:
+    torch's fused SGD fails when some parameters start training later (fine-tuning after
+    --freeze-epochs leaves their momentum buffers empty while others have one)."""
+    devices = {p.device.type for g in groups for p in g["params"]}
+    if not devices or not devices <= {"cuda", "cpu"}:
+        return {}
+    return {kind: True}
+
+
 def _sgd(groups: list[dict], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return torch.optim.SGD(
+        groups,
+        lr=lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+        **_multi_tensor(groups, "foreach"),
+    )
 
 
 def _adamw(groups: list[dict], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas))
+    return torch.optim.AdamW(
+        groups, lr=lr, betas=tuple(cfg.betas), **_multi_tensor(groups, "fused")
+    )
 
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"sgd": _sgd, "adamw": _adamw}
@@ -87,19 +107,25 @@ def create_optimizer(model: nn.Module, cfg: OptimConfig, batch_size: int) -> tor
     return OPTIMIZERS[cfg.name](groups, cfg, lr)
 
 
+ONECYCLE_WARMUP = 0.25  # share of the run spent warming up
+ONECYCLE_START = 0.1  # lr at step 0, relative to the peak
+ONECYCLE_END = 1e-3  # lr at the last step, relative to the peak
+
+
 def _onecycle(opt, cfg: OptimConfig, total_steps: int, steps_per_epoch: int):
-    # pct_start 0.25: a quarter of the run warming up, then cosine annealing to ~0.
-    max_lrs = [g["lr"] for g in opt.param_groups]
-    return torch.optim.lr_scheduler.OneCycleLR(
-        opt,
-        max_lr=max_lrs,
-        total_steps=max(total_steps, 2),
-        pct_start=0.25,
-        anneal_strategy="cos",
-        cycle_momentum=False,
-        div_factor=10.0,
-        final_div_factor=100.0,
-    )
+    """One cycle (Smith, 2018): cosine from 0.1x up to the lr over the first quarter of the
+    steps, then cosine down to 0.001x. Written as a factor so it is defined for any step count
+    (torch's OneCycleLR divides by zero when the warmup rounds to one step)."""
+    warmup = max(1, round(ONECYCLE_WARMUP * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            rise = 0.5 * (1 - math.cos(math.pi * step / warmup))
+            return ONECYCLE_START + (1 - ONECYCLE_START) * rise
+        progress = min((step - warmup) / max(1, total_steps - 1 - warmup), 1.0)
+        return ONECYCLE_END + (1 - ONECYCLE_END) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def _cosine(opt, cfg: OptimConfig, total_steps: int, steps_per_epoch: int):

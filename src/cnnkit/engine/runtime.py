@@ -22,11 +22,15 @@ from cnnkit.errors import CnnkitError
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+COMPILE_MODES = ("auto", "on", "off")
+
+
 @dataclass
 class Runtime:
     device: torch.device
     precision: str  # fp32 | bf16 | fp16
     channels_last: bool
+    compile: bool = False  # train through torch.compile
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -52,18 +56,71 @@ class Runtime:
 
     def describe(self) -> str:
         layout = "channels_last" if self.channels_last else "NCHW"
-        return f"{self.device} {self.precision} {layout}"
+        extra = ", compiled" if self.compile else ""
+        threads = f", {torch.get_num_threads()} threads" if self.device.type == "cpu" else ""
+        return f"{self.device} {self.precision} {layout}{threads}{extra}"
 
 
 def resolve(cfg: RuntimeConfig, deterministic: bool = False) -> Runtime:
-    """Pick device, precision and layout from the config (``auto`` = best for this machine)."""
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    """Pick device, precision, layout, threads and compilation from the config (``auto`` = best
+    for this machine)."""
+    if cfg.threads is not None and cfg.threads < 1:
+        raise CnnkitError(f"runtime.threads must be >= 1 or null, got {cfg.threads}")
+    torch.set_num_threads(cfg.threads or auto_threads())
     device = resolve_device(cfg.device)
     precision = _precision(cfg.precision, device)
     channels_last = _channels_last(cfg.channels_last, device)
     set_deterministic(deterministic)
-    return Runtime(device=device, precision=precision, channels_last=channels_last)
+    return Runtime(
+        device=device,
+        precision=precision,
+        channels_last=channels_last,
+        compile=_compile(cfg.compile, device),
+    )
+
+
+def auto_threads() -> int:
+    """Intra-op threads: torch's choice (one per physical core), but never more than the cores
+    this process may run on (CPU affinity) or its container's CPU quota; more threads than
+    cores make OpenMP spin against itself and steps get many times slower."""
+    limit = [torch.get_num_threads()]
+    try:
+        limit.append(len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        pass
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        limit.append(max(1, int(quota)))
+    return max(1, min(limit))
+
+
+def _cgroup_cpu_quota() -> float | None:
+    """CPUs granted by the cgroup v2 (cpu.max) or v1 (cfs quota/period) limit, if any."""
+    try:
+        text = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if text and text[0] != "max":
+            return int(text[0]) / int(text[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        if quota > 0 and period > 0:
+            return quota / period
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _compile(mode: str, device: torch.device) -> bool:
+    """``auto`` compiles on CUDA, where fused kernels pay back the warm-up within minutes; on a
+    CPU the convolutions already run in oneDNN and the warm-up (a minute or more on few cores)
+    rarely pays back (measured in benchmarks/train_step.py)."""
+    if mode not in COMPILE_MODES:
+        raise CnnkitError(f"runtime.compile must be auto, on or off, got '{mode}'")
+    if mode != "auto":
+        return mode == "on"
+    return device.type == "cuda"
 
 
 def resolve_device(name: str) -> torch.device:

@@ -1,0 +1,204 @@
+"""Training-step speed: cnnkit's runtime choices and fit loop against a hand-written loop.
+
+Prints the machine, torch version and settings, then for each model:
+  * images/s of a minimal hand-written PyTorch loop in fp32 NCHW (the baseline),
+  * images/s for each precision x layout x compile setting, its ratio to the baseline, the
+    achieved GFLOP/s (forward + backward, counted with torch.utils.flop_counter) and the fraction
+    of this machine's matmul peak measured in the same run (fp32 and bf16),
+  * "auto" (what cnnkit picks here) and cnnkit's own loop (``train_one_epoch``) against the
+    hand-written loop with identical settings on the same in-memory batches (target <= 1.05x).
+
+Timings alternate between variants and report the median of ``--repeats`` rounds, so a noisy
+(shared) machine hurts all of them alike. Not a test: run it by hand, e.g.
+
+    python benchmarks/train_step.py --models simple_cnn,resnet20 --batch-size 256
+    python benchmarks/train_step.py --models resnet20 --compile      # adds torch.compile rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from common import machine
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import cnnkit
+from cnnkit.config import RuntimeConfig
+from cnnkit.engine import runtime
+from cnnkit.engine.loop import StepTools, train_one_epoch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048) -> float:
+    """GFLOP/s of a large square matmul: the machine's practical peak for that dtype."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    sync(device)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def step_flops(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """FLOPs of one forward + backward at this batch."""
+    with FlopCounterMode(display=False) as counter:
+        nn.functional.cross_entropy(model(x), y).backward()
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+class Variant:
+    """One setting of a training step, timed on a fixed batch."""
+
+    def __init__(self, name, model_name, shape, classes, device, precision, channels_last, comp):
+        torch.manual_seed(0)
+        self.name = name
+        self.rt = runtime.Runtime(device, precision, channels_last, comp)
+        model = cnnkit.create_model(model_name, num_classes=classes, in_chans=shape[1])
+        self.model = model.to(device, memory_format=self.rt.memory_format).train()
+        self.step_model = torch.compile(self.model) if comp else self.model
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+        self.x = torch.randn(*shape, device=device).contiguous(memory_format=self.rt.memory_format)
+        self.y = torch.randint(classes, (shape[0],), device=device)
+        start = time.perf_counter()
+        self.step()
+        sync(device)
+        self.warmup = time.perf_counter() - start
+
+    def step(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        with self.rt.autocast():
+            loss = nn.functional.cross_entropy(self.step_model(self.x).float(), self.y)
+        loss.backward()
+        self.opt.step()
+
+    def time(self, steps: int) -> float:
+        sync(self.rt.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        sync(self.rt.device)
+        return (time.perf_counter() - start) / steps
+
+
+def hand_loop(model, opt, batches, device) -> float:
+    """The textbook loop over in-memory batches: seconds per step."""
+    sync(device)
+    start = time.perf_counter()
+    for x, y in batches:
+        loss = nn.functional.cross_entropy(model(x), y, label_smoothing=0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    sync(device)
+    return (time.perf_counter() - start) / len(batches)
+
+
+def fit_loop_overhead(model_name, shape, classes, device, steps: int, repeats: int) -> None:
+    """cnnkit's train_one_epoch vs the hand loop: same model, optimizer, batches, layout."""
+    rt = runtime.resolve(RuntimeConfig(device=str(device)))
+    models, opts = [], []
+    for _ in range(2):
+        torch.manual_seed(0)
+        m = cnnkit.create_model(model_name, num_classes=classes, in_chans=shape[1])
+        m = m.to(device, memory_format=rt.memory_format).train()
+        models.append(m)
+        opts.append(torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, nesterov=True))
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        (
+            torch.randn(*shape, generator=g).to(device).contiguous(memory_format=rt.memory_format),
+            torch.randint(classes, (shape[0],), generator=g).to(device),
+        )
+        for _ in range(steps)
+    ]
+    tools = StepTools(optimizer=opts[1], loss_fn=nn.CrossEntropyLoss(label_smoothing=0.1))
+    hand, ours = [], []
+    hand_loop(models[0], opts[0], batches[:2], device)  # warm-up
+    train_one_epoch(models[1], batches[:2], tools, rt)
+    for _ in range(repeats):
+        hand.append(hand_loop(models[0], opts[0], batches, device))
+        ours.append(train_one_epoch(models[1], batches, tools, rt)["seconds"] / steps)
+    h, o = statistics.median(hand), statistics.median(ours)
+    print(
+        f"  fit loop ({rt.describe()}): cnnkit train_one_epoch {o * 1e3:.1f} ms/step, "
+        f"hand-written loop {h * 1e3:.1f} ms/step -> overhead {o / h:.3f}x (target <= 1.05x)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="simple_cnn,resnet20")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--size", type=int, default=32, help="input side in pixels")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; the median is reported")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+
+    device = runtime.resolve_device(args.device)
+    torch.set_num_threads(runtime.auto_threads())
+    print(f"machine: {machine()}")
+    peaks = {
+        "fp32": matmul_peak(torch.float32, device),
+        "bf16": matmul_peak(torch.bfloat16, device),
+    }
+    print(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
+    print(
+        f"settings: batch {args.batch_size}, {args.size}x{args.size} RGB, 10 classes, "
+        f"{args.steps} steps x {args.repeats} rounds (median), SGD Nesterov"
+    )
+    auto = runtime.resolve(RuntimeConfig(device=str(device)))
+    precisions = ["fp32", "bf16"] if device.type == "cpu" else ["fp32", auto.precision]
+    for model_name in args.models.split(","):
+        shape = (args.batch_size, 3, args.size, args.size)
+        print(f"\n{model_name}:")
+        probe = cnnkit.create_model(model_name, num_classes=10)
+        flops = step_flops(probe, torch.randn(*shape), torch.randint(10, (shape[0],)))
+        variants = [
+            Variant("baseline fp32 NCHW", model_name, shape, 10, device, "fp32", False, False)
+        ]
+        for precision in precisions:
+            for layout in (False, True):
+                for comp in (False, True) if args.compile else (False,):
+                    name = f"{precision} {'channels_last' if layout else 'NCHW'}"
+                    name += " compiled" if comp else ""
+                    variants.append(
+                        Variant(name, model_name, shape, 10, device, precision, layout, comp)
+                    )
+        times: dict[str, list[float]] = {v.name: [] for v in variants}
+        for _ in range(args.repeats):
+            for v in variants:
+                times[v.name].append(v.time(args.steps))
+        base = statistics.median(times[variants[0].name])
+        auto_name = f"{auto.precision} {'channels_last' if auto.channels_last else 'NCHW'}"
+        for v in variants:
+            t = statistics.median(times[v.name])
+            gflops = flops / t / 1e9
+            kind = "fp32" if v.rt.precision == "fp32" else "bf16"
+            peak = peaks[kind]
+            mark = "  <- auto" if v.name == auto_name else ""
+            warm = f", warm-up {v.warmup:.1f} s" if v.rt.compile else ""
+            print(
+                f"  {v.name:28s} {args.batch_size / t:8.0f} img/s  {base / t:5.2f}x baseline  "
+                f"{gflops:7.1f} GFLOP/s  {gflops / peak:5.1%} of {kind} peak{warm}{mark}"
+            )
+        fit_loop_overhead(model_name, shape, 10, device, args.steps * 2, args.repeats)
+
+
+if __name__ == "__main__":
+    main()

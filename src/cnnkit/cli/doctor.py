@@ -1,0 +1,30 @@
+"""``cnnkit doctor``: a dataset health report; exit 0 when clean, 1 when problems were found."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cnnkit.cli.train import DEBUG
+
+
+def doctor(
+    data: Annotated[
+        Path, typer.Argument(help="Image folder: <class>/* or train|val|test/<class>/*.")
+    ],
+    workers: Annotated[
+        int | None, typer.Option(help="Decoding processes; default: one per CPU.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+    debug: Annotated[bool, DEBUG] = False,
+) -> None:
+    """Decode every image and report bad files, odd modes, class counts and duplicates."""
+    from cnnkit.data.doctor import scan, summary
+
+    report = scan(data, workers=workers)
+    print(json.dumps(report.to_dict(), indent=2) if as_json else summary(report))
+    if not report.ok:
+        raise typer.Exit(1)

@@ -1,0 +1,233 @@
+"""Augmentation of whole uint8 batches on the training device, normalisation fused at the end.
+
+Per-sample augmentation in Python (one crop, one flip, one tensor conversion per image) costs more
+than the forward pass of a small network on 32x32 images. Here a batch (B, C, H, W) uint8 already
+on the device is augmented with a handful of tensor operations, whatever B is:
+
+    random resized crop   large inputs: a box of random area/aspect per image, bilinear-resampled
+                          to the input size with ``grid_sample`` (one call for the batch)
+    pad + random crop     small inputs: a shift by up to ``pad`` px per image, the uncovered border
+                          filled with zeros or mirrored (``pad_mode`` zero | reflect)
+    horizontal flip       random with probability p, or ``"alternate"``: image i is flipped on
+                          even epochs iff a fixed coin of (seed, i) says so, and the other way on
+                          odd epochs, so every image is seen both ways every two epochs
+                          (Keller Jordan, "94% on CIFAR-10 in 3.29 seconds", 2024)
+    cutout                a ``cutout`` x ``cutout`` square per image set to the mean (0 after
+                          normalising), centre anywhere in the image (DeVries & Taylor, 2017)
+    normalise             (x / 255 - mean) / std in float32, in the run's memory layout
+
+Randomness comes from a generator seeded by (seed, epoch, step), so a batch's augmentation depends
+only on those and the images' dataset indices: resumed runs replay it exactly. ``draw`` makes the
+random parameters and ``apply`` uses them, so a test can check ``apply`` against a plain per-image
+implementation with the same parameters.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from cnnkit.data.loader import mix_seed
+
+RRC_RATIO = (3 / 4, 4 / 3)
+RRC_TRIES = 10
+
+
+class BatchAugment:
+    """Augment and normalise uint8 batches: ``aug(images, indices, epoch, step)`` -> float32.
+
+    ``aug``: the resolved train augmentation (``cnnkit.data.transforms.resolve_augment``) or
+    None for evaluation (normalise only). ``out_size``: (H, W) of the result; the stored images
+    may be larger (random resized crop, or a centre crop for evaluation).
+    """
+
+    def __init__(
+        self,
+        aug: dict | None,
+        mean: list[float],
+        std: list[float],
+        out_size: tuple[int, int],
+        *,
+        seed: int = 0,
+        memory_format: torch.memory_format = torch.contiguous_format,
+    ) -> None:
+        aug = dict(aug or {})
+        self.rrc_scale = _rrc_scale(out_size) if aug.get("random_resized_crop") else None
+        self.pad = int(aug.get("pad_crop") or 0)
+        self.pad_mode = aug.get("pad_mode", "zero")
+        self.hflip = aug.get("hflip") or 0.0
+        self.cutout = int(aug.get("cutout") or 0)
+        self.out_size = tuple(out_size)
+        self.seed = seed
+        self.memory_format = memory_format
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self._scale, self._shift = 1.0 / (255.0 * std_t), mean_t / std_t
+
+    @property
+    def random(self) -> bool:
+        return bool(self.rrc_scale or self.pad or self.hflip or self.cutout)
+
+    def __call__(
+        self, images: torch.Tensor, indices: torch.Tensor, epoch: int = 0, step: int = 0
+    ) -> torch.Tensor:
+        """images uint8 (B, C, H, W) on the device; indices (B,) int64 dataset indices."""
+        params = self.draw(images.shape, indices, epoch, step, images.device)
+        return self.apply(images, params)
+
+    def draw(self, shape: torch.Size, indices: torch.Tensor, epoch: int, step: int, device) -> dict:
+        """Random parameters for a batch of ``shape`` (B, C, H, W) in (epoch, step)."""
+        b, _, h, w = shape
+        out_h, out_w = self.out_size
+        g = torch.Generator(device=device).manual_seed(mix_seed(self.seed, epoch, step))
+        params: dict = {}
+        if self.rrc_scale is not None:
+            params["box"] = _rrc_boxes(b, h, w, self.rrc_scale, g, device)
+        if self.pad:
+            params["shift"] = torch.randint(0, 2 * self.pad + 1, (b, 2), generator=g, device=device)
+        if self.hflip == "alternate":
+            coin = _index_coins(indices.to(device), self.seed)
+            params["flip"] = coin ^ bool(epoch % 2)
+        elif self.hflip:
+            params["flip"] = torch.rand(b, generator=g, device=device) < self.hflip
+        if self.cutout:
+            size = torch.tensor([out_h, out_w], device=device)
+            params["cutout"] = (torch.rand(b, 2, generator=g, device=device) * size).long()
+        return params
+
+    def apply(self, images: torch.Tensor, params: dict) -> torch.Tensor:
+        """Augment uint8 ``images`` with ``params`` from ``draw``; returns normalised float32."""
+        # geometry on uint8 where possible (4x less memory traffic than float32)
+        if "box" in params:
+            x = _resized_crop(images, params["box"], self.out_size)  # float32 0..255
+        else:
+            x = _center_crop(images, self.out_size)
+        if "shift" in params:
+            x = _shift(x, params["shift"], self.pad, self.pad_mode)
+        if "flip" in params:
+            x = torch.where(params["flip"].view(-1, 1, 1, 1), x.flip(3), x)
+        x = self._normalise(x)
+        if "cutout" in params:
+            x = _cutout(x, params["cutout"], self.cutout)
+        return x
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8/float (0..255) -> float32 (x / 255 - mean) / std in the run's memory layout;
+        the same two float operations as the per-sample ToNormalizedTensor, so the same bits."""
+        scale, shift = self._scale.to(x.device), self._shift.to(x.device)
+        x = x.contiguous(memory_format=self.memory_format)  # permute while still small (uint8)
+        x = x.to(torch.float32, copy=True)  # keeps the memory format
+        return x.mul_(scale).sub_(shift)
+
+
+def _rrc_scale(out_size: tuple[int, int]) -> tuple[float, float]:
+    """Area range of random resized crops: as ``cnnkit.data.transforms`` does per sample."""
+    return (0.08, 1.0) if min(out_size) >= 128 else (0.25, 1.0)
+
+
+def _rrc_boxes(b: int, h: int, w: int, scale, g: torch.Generator, device) -> torch.Tensor:
+    """(B, 4) float boxes (top, left, height, width) in pixels, drawn as torchvision's
+    RandomResizedCrop does: up to RRC_TRIES tries of area and log-aspect, else the whole image
+    clipped to the aspect range."""
+    area = h * w
+    tries = torch.rand(b, RRC_TRIES, 4, generator=g, device=device)
+    target = area * (scale[0] + (scale[1] - scale[0]) * tries[..., 0])
+    log_lo, log_hi = math.log(RRC_RATIO[0]), math.log(RRC_RATIO[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * tries[..., 1])
+    cw = torch.sqrt(target * aspect).round()
+    ch = torch.sqrt(target / aspect).round()
+    ok = (cw >= 1) & (cw <= w) & (ch >= 1) & (ch <= h)
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((b,), -1, device=device))
+    pick = first.clamp(min=0)[:, None]
+    cw, ch = cw.gather(1, pick)[:, 0], ch.gather(1, pick)[:, 0]
+    top = (tries[..., 2].gather(1, pick)[:, 0] * (h - ch + 1)).floor()
+    left = (tries[..., 3].gather(1, pick)[:, 0] * (w - cw + 1)).floor()
+    # fallback: the largest centred box within the aspect range
+    ratio = w / h
+    fw = float(w) if ratio <= RRC_RATIO[1] else round(h * RRC_RATIO[1])
+    fh = float(h) if ratio >= RRC_RATIO[0] else round(w / RRC_RATIO[0])
+    fw, fh = (float(w), float(h)) if RRC_RATIO[0] <= ratio <= RRC_RATIO[1] else (fw, fh)
+    fallback = torch.tensor([(h - fh) // 2, (w - fw) // 2, fh, fw], device=device)
+    boxes = torch.stack([top, left, ch, cw], dim=1)
+    return torch.where((first < 0)[:, None], fallback, boxes)
+
+
+def _resized_crop(images: torch.Tensor, box: torch.Tensor, out_size) -> torch.Tensor:
+    """Bilinear resample of each box to ``out_size`` (half-pixel centres, edges clamped): the
+    same sampling as cropping then ``F.interpolate(mode="bilinear", align_corners=False)``."""
+    b, _, h, w = images.shape
+    out_h, out_w = out_size
+    top, left, bh, bw = box.unbind(1)
+    dev = images.device
+    ys = (torch.arange(out_h, device=dev) + 0.5)[None] * (bh / out_h)[:, None] - 0.5  # (B, out_h)
+    xs = (torch.arange(out_w, device=dev) + 0.5)[None] * (bw / out_w)[:, None] - 0.5
+    ys = (ys.clamp(min=0) + top[:, None]).minimum((top + bh - 1)[:, None])
+    xs = (xs.clamp(min=0) + left[:, None]).minimum((left + bw - 1)[:, None])
+    # grid_sample's normalised coordinates with align_corners=False: pixel p -> (2p + 1) / n - 1
+    gy = (2 * ys + 1) / h - 1
+    gx = (2 * xs + 1) / w - 1
+    grid = torch.stack(
+        [gx[:, None, :].expand(b, out_h, out_w), gy[:, :, None].expand(b, out_h, out_w)], dim=3
+    )
+    x = images.to(torch.float32)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _center_crop(images: torch.Tensor, out_size) -> torch.Tensor:
+    _, _, h, w = images.shape
+    out_h, out_w = out_size
+    if (h, w) == (out_h, out_w):
+        return images
+    top, left = (h - out_h) // 2, (w - out_w) // 2
+    return images[:, :, top : top + out_h, left : left + out_w]
+
+
+def _shift(x: torch.Tensor, shift: torch.Tensor, pad: int, mode: str) -> torch.Tensor:
+    """Crop (H, W) at offset ``shift`` (B, 2) = (dy, dx) in [0, 2 pad] from the padded batch.
+
+    On the GPU one gather does it. On the CPU a gather with a 4-d index is slow, so images are
+    grouped by offset: one slice copy per row offset, then one per column offset (2 (2 pad + 1)
+    copies of subsets, whatever the batch size)."""
+    b, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect" if mode == "reflect" else "constant")
+    dev = x.device
+    if dev.type != "cpu":
+        rows = shift[:, 0, None] + torch.arange(h, device=dev)  # (B, H)
+        cols = shift[:, 1, None] + torch.arange(w, device=dev)  # (B, W)
+        batch = torch.arange(b, device=dev)[:, None, None, None]
+        chan = torch.arange(c, device=dev)[None, :, None, None]
+        return padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
+    tall = torch.empty((b, c, h, w + 2 * pad), dtype=x.dtype)
+    for dy in shift[:, 0].unique().tolist():
+        sel = (shift[:, 0] == dy).nonzero()[:, 0]
+        tall.index_copy_(0, sel, padded.index_select(0, sel)[:, :, dy : dy + h])
+    out = torch.empty_like(x)
+    for dx in shift[:, 1].unique().tolist():
+        sel = (shift[:, 1] == dx).nonzero()[:, 0]
+        out.index_copy_(0, sel, tall.index_select(0, sel)[:, :, :, dx : dx + w])
+    return out
+
+
+def _cutout(x: torch.Tensor, centre: torch.Tensor, size: int) -> torch.Tensor:
+    """Zero a size x size square (clipped at the borders) around ``centre`` (B, 2) = (y, x)."""
+    _, _, h, w = x.shape
+    dev = x.device
+    half = size // 2
+    y0 = (centre[:, 0] - half)[:, None]
+    x0 = (centre[:, 1] - half)[:, None]
+    ys, xs = torch.arange(h, device=dev)[None], torch.arange(w, device=dev)[None]
+    inside_y = (ys >= y0) & (ys < y0 + size)  # (B, H)
+    inside_x = (xs >= x0) & (xs < x0 + size)  # (B, W)
+    mask = inside_y[:, None, :, None] & inside_x[:, None, None, :]
+    return x.masked_fill(mask, 0.0)
+
+
+def _index_coins(indices: torch.Tensor, seed: int) -> torch.Tensor:
+    """A fixed random bit per dataset index: a multiply-xorshift hash of (index, seed)."""
+    salt = mix_seed(seed, 0xF11F) & 0x7FFFFFFF
+    x = (indices.long() * 0x9E3779B1 + salt) & 0xFFFFFFFF
+    x = ((x ^ (x >> 15)) * 0x2C1B3C6D) & 0xFFFFFFFF
+    x = x ^ (x >> 12)
+    return (x & 1).bool()

@@ -1,0 +1,201 @@
+"""Loaders for a run: in memory with batched augmentation when the data fits, else streaming.
+
+``run_loader`` is what training and evaluation call. When the split's images fit the decode
+budget (see ``cnnkit.data.cache``) they are held as one uint8 tensor (N, C, H, W) - on the GPU
+when training there and it fits - and ``MemoryLoader`` cuts batches from it and augments them
+with ``BatchAugment`` on the device: no worker processes, no per-sample Python. Augmentations
+that exist only per sample (auto-augment policies, random erasing) keep the DataLoader, fed from
+the decoded tensor. Data over the budget streams from the files through DataLoader workers.
+
+Batch order is the same permutation of (seed, epoch) as ``EpochSampler`` gives the DataLoader,
+so both paths visit the same images in the same batches; only the augmentation draws differ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch.utils.data import Dataset
+
+from cnnkit.config import DataConfig
+from cnnkit.data import cache
+from cnnkit.data.batchaug import BatchAugment
+from cnnkit.data.loader import EpochSampler, auto_workers, make_loader
+from cnnkit.data.transforms import image_mode
+from cnnkit.errors import CnnkitError
+
+GPU_FRACTION = 0.3  # share of free GPU memory that decoded images may take on the device
+
+
+class MemoryLoader:
+    """Batches (float32 normalised images on ``device``, int64 labels) from a uint8 tensor.
+
+    ``len(loader)`` batches per epoch; call ``set_epoch(e)`` (or ``loader.sampler.set_epoch``)
+    before iterating epoch e. Train loaders shuffle and drop the last partial batch.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        targets,
+        batch_size: int,
+        augment: BatchAugment,
+        *,
+        train: bool,
+        seed: int,
+        device: torch.device,
+        drop_last: bool | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        weights=None,
+    ) -> None:
+        self.images = images  # uint8 (N, C, H, W), on the CPU or already on the device
+        self.targets = torch.as_tensor(list(targets), dtype=torch.long)
+        self.batch_size, self.augment, self.device = batch_size, augment, torch.device(device)
+        self.sampler = EpochSampler(
+            len(self.targets),
+            shuffle=train,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            weights=weights,
+        )
+        if drop_last is None:
+            drop_last = train and len(self.targets) > batch_size * world_size
+        self.drop_last = drop_last
+        if self.images.device.type == "cpu" and self.device.type == "cuda":
+            self.targets = self.targets.pin_memory()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.targets)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch = self.sampler.epoch
+        order = torch.tensor(self.sampler.indices(), dtype=torch.long)
+        on_device = self.images.device == self.device
+        first = self.sampler.start // self.batch_size  # steps already done (resumed mid-epoch)
+        for step in range(len(self)):
+            index = order[step * self.batch_size : (step + 1) * self.batch_size]
+            if on_device:
+                images = self.images[index.to(self.device)]
+            else:
+                images = self.images[index]
+                if self.device.type == "cuda":
+                    images = images.pin_memory()
+                images = images.to(self.device, non_blocking=True)
+            labels = self.targets[index].to(self.device, non_blocking=True)
+            yield self.augment(images, index, epoch, first + step), labels
+
+
+def run_loader(
+    dataset: Dataset,
+    preprocessing: dict,
+    aug: dict | None,
+    cfg: DataConfig,
+    batch_size: int,
+    *,
+    train: bool,
+    seed: int,
+    device: torch.device,
+    memory_format: torch.memory_format = torch.contiguous_format,
+    note: Callable[[str], None] = cache.stderr_note,
+    rank: int = 0,
+    world_size: int = 1,
+    weights=None,
+):
+    """The fastest loader for ``dataset`` (a split from ``cnnkit.data.build``/``build_eval``).
+
+    ``aug``: the resolved train augmentation (``Splits.augment``), or None for evaluation.
+    ``weights``: per-sample weights for class-balanced sampling (with replacement).
+    """
+    if cfg.decode_cache not in cache.MODES:
+        raise CnnkitError(
+            f"data.decode_cache must be one of {', '.join(cache.MODES)}, got '{cfg.decode_cache}'"
+        )
+    images = None if cfg.decode_cache == "off" else _images(dataset, preprocessing, aug, cfg, note)
+    loader_kw = dict(train=train, seed=seed, rank=rank, world_size=world_size, weights=weights)
+    if images is None:
+        return make_loader(
+            dataset,
+            batch_size,
+            num_workers=cfg.num_workers,
+            pin_memory=device.type == "cuda",
+            **loader_kw,
+        )
+    if aug is not None and not batchable(aug):
+        from cnnkit.data.sources import TensorImageDataset
+
+        # the per-sample transform works on uint8 tensors as on PIL images (resizes to the stored
+        # size are no-ops)
+        memory = TensorImageDataset(images, dataset.targets, dataset.transform)
+        return make_loader(memory, batch_size, num_workers=cfg.num_workers, **loader_kw)
+    images = _maybe_to_gpu(images, device)
+    augment = BatchAugment(
+        aug,
+        preprocessing["mean"],
+        preprocessing["std"],
+        tuple(preprocessing["input_size"]),
+        seed=seed,
+        memory_format=memory_format,
+    )
+    return MemoryLoader(images, dataset.targets, batch_size, augment, device=device, **loader_kw)
+
+
+def batchable(aug: dict) -> bool:
+    """True when every step of the train augmentation exists as a batched operation."""
+    return aug.get("auto_augment", "none") == "none" and not aug.get("random_erasing")
+
+
+def _images(dataset, preprocessing: dict, aug: dict | None, cfg: DataConfig, note):
+    """The split as uint8 (N, C, H, W) at the stored geometry, or None when it must stream."""
+    from cnnkit.data.sources import FileImageDataset, TensorImageDataset
+
+    geometry = cache.stored_geometry(preprocessing, bool(aug and aug.get("random_resized_crop")))
+    mode = image_mode(preprocessing)
+    channels = 1 if mode == "L" else 3
+    nbytes = len(dataset) * channels * geometry["size"][0] * geometry["size"][1]
+    if cfg.decode_cache == "auto" and nbytes > cache.budget_bytes(cfg.cache_memory):
+        note(
+            f"note: {len(dataset)} images take {nbytes / 2**30:.1f} GiB decoded, over the decode "
+            "budget; streaming them from the files (raise data.cache_memory to decode once)"
+        )
+        return None
+    if isinstance(dataset, TensorImageDataset):
+        return _resized(dataset.images, geometry)
+    if isinstance(dataset, FileImageDataset):
+        return cache.decoded_images(
+            dataset.paths,
+            dataset.mode,
+            geometry,
+            cache.cache_root(cfg.cache_dir),
+            workers=auto_workers(dataset),
+            note=note,
+        )
+    return None
+
+
+def _resized(images: torch.Tensor, geometry: dict) -> torch.Tensor:
+    """Images held in memory, brought to the stored geometry once (in chunks)."""
+    if list(images.shape[-2:]) == list(geometry["size"]):
+        return images
+    ops = cache.geometry_ops(geometry)
+    return torch.cat([ops(chunk) for chunk in images.split(4096)])
+
+
+def _maybe_to_gpu(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Move the decoded images to the GPU when they take under GPU_FRACTION of its free memory."""
+    if device.type != "cuda":
+        return images
+    free, _ = torch.cuda.mem_get_info(device)
+    if images.numel() * images.element_size() < GPU_FRACTION * free:
+        return images.to(device)
+    return images

@@ -1,0 +1,142 @@
+"""Data-parallel training through torchrun: real processes, gloo on the CPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import cnnkit
+from cnnkit.engine.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.distributed
+
+NO_BN = """\
+model:
+  name: spec
+  kwargs:
+    layers:
+      - {conv: 8, kernel: 3, padding: 1, act: relu}
+      - {pool: max, kernel: 2}
+      - {flatten: true}
+      - {linear: 10}
+optim:
+  lr: 0.2
+train:
+  epochs: EPOCHS
+  progress: plain
+"""
+
+SCRIPT = """\
+import sys, torch, cnnkit
+from cnnkit.engine import distributed
+config, out, name, batch = sys.argv[1:5]
+result = cnnkit.train(config=config, batch_size=int(batch), name=name, out_dir=out)
+rank = distributed.current().rank
+torch.save(result.fit.model.state_dict(), f"{out}/{name}/rank{rank}.pt")
+"""
+
+
+def torchrun(tmp_path, args, nproc=2, extra_env=None, restarts=0, module=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra_env or {})}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        f"--max-restarts={restarts}",
+    ]
+    command += ["-m", "cnnkit", *args] if module else args
+    return subprocess.run(
+        command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600
+    )
+
+
+def config_file(tmp_path: Path, epochs: int) -> Path:
+    path = tmp_path / f"nobn{epochs}.yaml"
+    path.write_text(NO_BN.replace("EPOCHS", str(epochs)))
+    return path
+
+
+def test_two_processes_equal_one_process_on_the_combined_batch(tmp_path):
+    config = config_file(tmp_path, epochs=2)
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT)
+    proc = torchrun(tmp_path, [str(script), str(config), str(tmp_path), "two", "16"], module=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / "two" / f"rank{r}.pt") for r in (0, 1)]
+    single = cnnkit.train(config=str(config), batch_size=32, name="one", out_dir=str(tmp_path))
+    one = single.fit.model.state_dict()
+    for key in one:
+        assert torch.equal(ranks[0][key], ranks[1][key]), key  # replicas stay identical
+        torch.testing.assert_close(ranks[0][key], one[key], rtol=1e-4, atol=1e-5)
+
+    # only rank 0 wrote the run's files (the same set a single process writes), and printed
+    def listing(run):
+        return sorted(str(p.relative_to(run)) for p in run.rglob("*") if "rank" not in p.name)
+
+    assert listing(tmp_path / "two") == listing(tmp_path / "one")
+    assert proc.stdout.count("training spec on digits") == 1
+    assert "2 processes" in proc.stdout
+
+
+def test_killed_rank_restarts_and_finishes_like_an_uninterrupted_run(tmp_path):
+    config = config_file(tmp_path, epochs=3)
+    args = [
+        "train",
+        "--config",
+        str(config),
+        "--batch-size",
+        "16",
+        "train.out_dir=" + str(tmp_path),
+    ]
+    clean = subprocess.run(  # --nproc: cnnkit starts torchrun itself
+        [sys.executable, "-m", "cnnkit", *args, "--name", "clean", "--nproc", "2"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    assert "2 processes" in clean.stdout
+    crashed = torchrun(
+        tmp_path,
+        [*args, "--name", "crashed"],
+        restarts=1,
+        extra_env={"CNNKIT_FAULT_INJECT": "1:1:5"},  # rank 1 dies at step 5 of epoch 2
+    )
+    assert crashed.returncode == 0, crashed.stderr[-3000:]
+    assert "torchrun restart 1: continuing" in crashed.stdout
+    a = load_checkpoint(tmp_path / "clean" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "crashed" / "checkpoints" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 3
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+    # resuming with another number of processes is refused, unless allowed
+    single = subprocess.run(
+        [sys.executable, "-m", "cnnkit", "train", "--resume", str(tmp_path / "clean")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert single.returncode == 2
+    assert "already finished" in single.stderr or "2 process(es)" in single.stderr
+
+
+def test_resume_with_another_world_size_is_refused_unless_allowed(tmp_path):
+    config = config_file(tmp_path, epochs=2)
+    cnnkit.train(config=str(config), name="run", out_dir=str(tmp_path), stop_after=1)
+    args = ["train", "--resume", str(tmp_path / "run")]
+    refused = torchrun(tmp_path, args)
+    assert refused.returncode != 0
+    assert "trained with 1 process(es) and is resumed with 2" in refused.stderr
+    allowed = torchrun(tmp_path, [*args, "--allow-world-change"])
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 2

@@ -1,0 +1,270 @@
+"""Crash safety with real processes and files: kills, signals, full disks, poisoned batches,
+damaged checkpoints, malicious pickles, and resume that refuses to drift."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import cnnkit
+from cnnkit import data
+from cnnkit.api import resolve_config
+from cnnkit.cli.main import run
+from cnnkit.data.sources import FileImageDataset
+from cnnkit.engine import checkpoint
+from cnnkit.engine.checkpoint import (
+    load_checkpoint,
+    load_latest,
+    load_model_file,
+    save_checkpoint,
+    save_model_file,
+)
+from cnnkit.engine.fit import fit
+from cnnkit.errors import CnnkitError
+from conftest import make_folder
+
+SRC = str(Path(cnnkit.__file__).resolve().parents[1])
+CHILD_ENV = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+# Digits with every source of randomness on: MixUp, EMA, per-step schedule, small batches.
+RUN = ["data.mixup=0.2", "train.ema=true", "data.batch_size=16", "runtime.threads=1"]
+
+
+def _equal_weights(a: Path, b: Path) -> None:
+    sa, sb = load_checkpoint(a), load_checkpoint(b)
+    assert sa["epoch"] == sb["epoch"] and sa["step"] == sb["step"] == 0
+    for key in sa["model"]:
+        assert torch.equal(sa["model"][key], sb["model"][key]), key
+    for key in (sa["ema"] or {"module": {}})["module"]:
+        assert torch.equal(sa["ema"]["module"][key], sb["ema"]["module"][key]), key
+
+
+@pytest.mark.parametrize(
+    "sig", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)]
+)
+def test_signal_mid_epoch_then_resume_equals_uninterrupted(tmp_path, sig):
+    argv = ["train", "--epochs", "2", "--quiet", "--num-workers", "0", "--name", "cut"]
+    child = subprocess.Popen(
+        [sys.executable, "-m", "cnnkit", *argv, *RUN, f"train.out_dir={tmp_path}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=CHILD_ENV,
+    )
+    lines = []
+    for line in child.stdout:  # wait for the end of epoch 1, then stop inside epoch 2
+        lines.append(line)
+        if line.startswith("epoch 1/2"):
+            time.sleep(0.3)
+            child.send_signal(sig)
+            break
+    out = "".join(lines) + child.stdout.read()
+    assert child.wait(timeout=120) == 128 + sig, out
+    assert f"continue with: cnnkit train --resume {tmp_path / 'cut'}" in out
+    state = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
+    assert state["epoch"] == 1 and state["step"] > 0, "the stop landed mid-epoch"
+    resumed = cnnkit.train(resume=tmp_path / "cut")
+    whole = cnnkit.train(
+        epochs=2, num_workers=0, name="whole", out_dir=str(tmp_path), overrides=RUN
+    )
+    _equal_weights(resumed.run_dir / "checkpoints/last.pt", whole.run_dir / "checkpoints/last.pt")
+    assert [r["epoch"] for r in resumed.fit.history] == [1, 2]
+    assert resumed.fit.history[1]["train_loss"] == pytest.approx(whole.fit.history[1]["train_loss"])
+
+
+# One process imports torch once, then forks savers and SIGKILLs each at a different moment of
+# its loop of atomic saves; after every kill the latest checkpoint must load. (Used below.)
+KILLER = """
+import os, signal, sys, time, torch
+from cnnkit.engine.checkpoint import load_checkpoint, load_latest, save_checkpoint
+path = sys.argv[1]
+for round_ in range(8):
+    pid = os.fork()
+    if pid == 0:
+        for i in range(1, 10**6):
+            w = torch.full((50000 + i,), float(i))
+            save_checkpoint(path, {"model": {"w": w}, "i": i}, keep_previous=True)
+    time.sleep(0.15 + 0.037 * round_)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    state = load_checkpoint(path)
+    assert state["model"]["w"].numel() == 50000 + state["i"], state["i"]
+    assert load_latest(os.path.dirname(path))[0]["i"] == state["i"]
+    print("killed after save", state["i"], flush=True)
+"""
+
+
+def test_training_killed_with_sigkill_resumes_from_its_latest_checkpoint(tmp_path):
+    # a real training process, killed while it saves a checkpoint every few hundred ms
+    argv = ["train", "--epochs", "60", "--quiet", "--num-workers", "0", "--name", "k"]
+    child = subprocess.Popen(
+        [sys.executable, "-m", "cnnkit", *argv, "data.batch_size=512", f"train.out_dir={tmp_path}"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=CHILD_ENV,
+    )
+    for line in child.stdout:
+        if line.startswith("epoch 3/60"):
+            break
+    time.sleep(0.4)
+    child.kill()
+    child.wait()
+    assert load_latest(tmp_path / "k" / "checkpoints")[0]["epoch"] >= 3
+    assert cnnkit.train(resume=tmp_path / "k", stop_after=1).fit.epochs_done >= 4
+    assert not list((tmp_path / "k").rglob("*.tmp"))
+
+
+def test_sigkill_at_many_points_of_a_save_loop(tmp_path):
+    path = tmp_path / "checkpoints" / "last.pt"
+    done = subprocess.run(
+        [sys.executable, "-c", KILLER, str(path)],
+        capture_output=True,
+        text=True,
+        env=CHILD_ENV,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    saves = [int(line.split()[-1]) for line in done.stdout.splitlines()]
+    assert len(saves) == 8 and saves[-1] > 1, done.stdout
+
+
+def test_failed_write_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"model": {"w": torch.ones(3)}})
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint.os, "fsync", full_disk)
+    with pytest.raises(CnnkitError, match="No space left on device"):
+        save_checkpoint(path, {"model": {"w": torch.zeros(3)}})
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_non_finite_weights_are_never_written(tmp_path):
+    bad = {"w": torch.tensor([1.0, float("nan")])}
+    with pytest.raises(CnnkitError, match="non-finite"):
+        save_checkpoint(tmp_path / "last.pt", {"model": bad})
+    with pytest.raises(CnnkitError, match="non-finite"):
+        save_model_file(tmp_path / "model.safetensors", bad, {})
+    assert not list(tmp_path.iterdir())
+
+
+class _Evil:
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (str(self.target), "w"))  # would create the file when unpickled
+
+
+def test_loading_never_runs_pickled_code(tmp_path):
+    target = tmp_path / "pwned.txt"
+    torch.save({"model": _Evil(target)}, tmp_path / "evil.pt")
+    with pytest.raises(CnnkitError, match="evil.pt"):
+        load_checkpoint(tmp_path / "evil.pt")
+    with pytest.raises(CnnkitError, match="evil.pt"):
+        cnnkit.train(epochs=1, out_dir=str(tmp_path / "r"), weights=str(tmp_path / "evil.pt"))
+    assert not target.exists()
+
+
+def test_truncated_or_foreign_files_give_clean_errors(tmp_path):
+    save_checkpoint(tmp_path / "last.pt", {"model": {"w": torch.ones(1000)}})
+    save_model_file(tmp_path / "m.safetensors", {"w": torch.ones(1000)}, {"arch": "x"})
+    for name in ("last.pt", "m.safetensors"):
+        whole = (tmp_path / name).read_bytes()
+        (tmp_path / f"cut-{name}").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "header.safetensors").write_bytes(b"\xff" * 8 + b"{not json")
+    with pytest.raises(CnnkitError, match="cut-last.pt"):
+        load_checkpoint(tmp_path / "cut-last.pt")
+    for name in ("cut-m.safetensors", "header.safetensors"):
+        with pytest.raises(CnnkitError, match=name):
+            load_model_file(tmp_path / name)
+
+
+def test_resume_falls_back_from_a_damaged_checkpoint_and_refuses_changes(tmp_path, capsys):
+    options = dict(epochs=3, num_workers=0, out_dir=str(tmp_path), overrides=RUN[2:])
+    part = cnnkit.train(name="part", stop_after=2, **options)
+    folder = part.run_dir / "checkpoints"
+    assert load_checkpoint(folder / "previous.pt")["epoch"] == 1
+    last = folder / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])  # damaged on disk
+    assert run(["train", "--resume", str(part.run_dir), "optim.lr=0.5", "--epochs", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "optim.lr, train.epochs changed" in err and "--resume-changed" in err
+    assert len(err.splitlines()) == 1
+    resumed = cnnkit.train(resume=part.run_dir, overrides=["train.progress=plain"])
+    assert "resuming from the newest good checkpoint" in capsys.readouterr().out
+    whole = cnnkit.train(name="whole", **options)
+    _equal_weights(last, whole.run_dir / "checkpoints/last.pt")
+    assert resumed.fit.epochs_done == 3
+
+
+class _Poisoned(FileImageDataset):
+    """A real image-folder dataset whose file ``target`` turns into NaN once ``poison`` is set."""
+
+    poison, target = False, None
+
+    def __getitem__(self, index: int):
+        x, y = super().__getitem__(index)
+        if self.poison and self.paths[index] == self.target:
+            x = torch.full_like(x, float("nan"))
+        return x, y
+
+
+def _poisoned_run(tmp_path, policy: str):
+    cfg = resolve_config(str(make_folder(tmp_path / "img")), epochs=2, num_workers=0)
+    cfg.train.nan_policy, cfg.data.batch_size = policy, 8
+    cfg.data.decode_cache = "off"  # stream through the dataset, so its poisoned file is read
+    splits = data.build(cfg.data, seed=0)
+    train = splits.train
+    splits.train = _Poisoned(train.paths, train.targets, train.mode, train.transform)
+    _Poisoned.target = train.paths[5]
+    model = cnnkit.create_model("simple_cnn", num_classes=3, in_chans=3)
+    meta = {"arch": "simple_cnn"}
+    run_dir = tmp_path / "run"
+    fit(model, splits, cfg, run_dir, meta, stop_after=1)
+    _Poisoned.poison = True  # the tests set it back
+    state = load_checkpoint(run_dir / "checkpoints/last.pt")
+    return run_dir, lambda: fit(model, splits, cfg, run_dir, meta, resume=state)
+
+
+def test_nan_batch_stops_naming_step_and_files(tmp_path):
+    run_dir, resume = _poisoned_run(tmp_path, "stop")
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    try:
+        with pytest.raises(CnnkitError, match=r"non-finite loss .* epoch 2 step \d+") as info:
+            resume()
+    finally:
+        _Poisoned.poison = False
+    assert str(_Poisoned.target) in str(info.value)
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_nan_policy_skip_counts_and_finishes(tmp_path):
+    run_dir, resume = _poisoned_run(tmp_path, "skip")
+    try:
+        result = resume()
+    finally:
+        _Poisoned.poison = False
+    assert result.history[-1]["skipped_steps"] == 1
+    state = load_checkpoint(run_dir / "checkpoints/last.pt")
+    assert state["nan_skipped"] == 1 and all(v.isfinite().all() for v in state["model"].values())
+
+
+def test_resume_refuses_changed_data_unless_told(tmp_path):
+    root = make_folder(tmp_path / "img", per_class=6)
+    part = cnnkit.train(str(root), epochs=2, stop_after=1, num_workers=0, out_dir=str(tmp_path))
+    (root / "red" / "0.jpg").write_bytes((root / "red" / "2.jpg").read_bytes())  # edited file
+    with pytest.raises(CnnkitError, match="data files .*--resume-changed"):
+        cnnkit.train(resume=part.run_dir)
+    assert cnnkit.train(resume=part.run_dir, resume_changed=True).fit.epochs_done == 2
