@@ -45,10 +45,19 @@ def torchvision_epoch(root: Path, batch_size: int, workers: int) -> tuple[float,
     return time.perf_counter() - start, seen
 
 
-def cnnkit_epoch(root: Path, batch_size: int, cache_dir: str) -> tuple[float, float, int]:
+def cnnkit_epoch(
+    root: Path, batch_size: int, cache_dir: str, check_files: bool
+) -> tuple[float, float, int]:
     """(total seconds, seconds of the epoch alone, images)."""
     start = time.perf_counter()
-    cfg = DataConfig(source=str(root), val_fraction=0.0, cache_dir=cache_dir, hflip=0.5, pad_crop=4)
+    cfg = DataConfig(
+        source=str(root),
+        val_fraction=0.0,
+        cache_dir=cache_dir,
+        hflip=0.5,
+        pad_crop=4,
+        check_files=check_files,
+    )
     splits = build(cfg, seed=0)
     loader = run_loader(
         splits.train,
@@ -75,6 +84,11 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="folder with train/<class>/*.jpg")
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--workers", type=int, default=None, help="baseline DataLoader workers")
+    parser.add_argument(
+        "--no-check",
+        action="store_true",
+        help="skip cnnkit's pre-flight integrity check (data.check_files=false)",
+    )
     args = parser.parse_args()
     root = Path(args.data) / "train" if (Path(args.data) / "train").is_dir() else Path(args.data)
     workers = args.workers if args.workers is not None else len(os.sched_getaffinity(0))
@@ -88,13 +102,15 @@ def main() -> None:
     print(
         f"torchvision ImageFolder+DataLoader: {base_n} images in {base_s:.1f} s = {base:.0f} img/s"
     )
+    os.environ["CNNKIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="cnnkit-bench-doctor-")  # cold check
+    print(f"pre-flight integrity check (data.check_files): {not args.no_check}")
     with tempfile.TemporaryDirectory() as cache:
-        cold_s, cold_epoch, n = cnnkit_epoch(root, args.batch_size, cache)
+        cold_s, cold_epoch, n = cnnkit_epoch(root, args.batch_size, cache, not args.no_check)
         print(
             f"cnnkit cold (decode once + epoch): {n} images in {cold_s:.1f} s = {n / cold_s:.0f} "
             f"img/s ({n / cold_s / base:.1f}x baseline); the epoch alone {n / cold_epoch:.0f} img/s"
         )
-        warm_s, warm_epoch, n = cnnkit_epoch(root, args.batch_size, cache)
+        warm_s, warm_epoch, n = cnnkit_epoch(root, args.batch_size, cache, not args.no_check)
         print(
             f"cnnkit warm (cache read + epoch): {n} images in {warm_s:.1f} s = {n / warm_s:.0f} "
             f"img/s ({n / warm_s / base:.1f}x baseline); the epoch alone {n / warm_epoch:.0f} "

@@ -148,22 +148,29 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds; the median is reported")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--emulated-bf16", action="store_true", help="time bf16 without native")
     args = parser.parse_args()
 
     device = runtime.resolve_device(args.device)
     torch.set_num_threads(runtime.auto_threads())
     print(f"machine: {machine()}")
-    peaks = {
-        "fp32": matmul_peak(torch.float32, device),
-        "bf16": matmul_peak(torch.bfloat16, device),
-    }
-    print(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
+    native_bf16 = device.type != "cpu" or runtime.cpu_has_native_bf16()
+    peaks = {"fp32": matmul_peak(torch.float32, device)}
+    if native_bf16 or args.emulated_bf16:
+        peaks["bf16"] = matmul_peak(torch.bfloat16, device)
+    shown = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items())
+    print(f"matmul peak: {shown}")
+    if "bf16" not in peaks:
+        print("bf16 rows skipped: this CPU has no native bf16 (emulated bf16 is many times slower")
+        print("than fp32, which is why precision auto picks fp32 here; --emulated-bf16 to time it)")
     print(
         f"settings: batch {args.batch_size}, {args.size}x{args.size} RGB, 10 classes, "
         f"{args.steps} steps x {args.repeats} rounds (median), SGD Nesterov"
     )
     auto = runtime.resolve(RuntimeConfig(device=str(device)))
-    precisions = ["fp32", "bf16"] if device.type == "cpu" else ["fp32", auto.precision]
+    precisions = ["fp32", "bf16"] if "bf16" in peaks else ["fp32"]
+    if device.type == "cuda":
+        precisions = ["fp32", auto.precision]
     for model_name in args.models.split(","):
         shape = (args.batch_size, 3, args.size, args.size)
         print(f"\n{model_name}:")

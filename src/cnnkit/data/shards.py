@@ -36,7 +36,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
-from braceexpand import braceexpand
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -86,7 +85,7 @@ def write_shards(
 ) -> dict:
     """Write ``source`` (folder, CSV or built-in; its train/val/test splits) as tar shards in
     ``out``; returns the meta dict also written to ``out/meta.json``."""
-    import webdataset as wds
+    wds = _webdataset()
 
     from cnnkit.config import DataConfig
     from cnnkit.data.sources import _read_source
@@ -145,6 +144,9 @@ def _sample_bytes(dataset, index: int) -> tuple[str, bytes]:
 
 def expand_urls(source: str) -> list[str]:
     """Brace-expanded shard URLs, each checked to exist when it is a local path."""
+    _webdataset()
+    from braceexpand import braceexpand  # installed with webdataset
+
     urls = [u for part in str(source).split("::") for u in braceexpand(part.strip())]
     for url in urls:
         if _is_local(url) and not Path(_local(url)).is_file():
@@ -295,6 +297,7 @@ class ShardDataset(IterableDataset):
     def _encoded(self, shards: list[str]) -> Iterator[tuple[bytes, int, str]]:
         """(encoded image, label, 'shard:member') of every sample of ``shards``, in file order;
         the tar reading is webdataset's."""
+        _webdataset()
         from webdataset.tariterators import group_by_keys, tar_file_expander
 
         streams = ({"url": url, "stream": _open(url)} for url in shards)
@@ -317,6 +320,17 @@ class ShardDataset(IterableDataset):
 def decode_bytes(data: bytes, mode: str, where: str) -> Image.Image:
     """An encoded image (a shard member) decoded by the same policy as image files."""
     return image_files.decode(data, mode, name=where)[0]
+
+
+def _webdataset():
+    """The webdataset library (the ``shards`` extra), with a one-line error when missing."""
+    try:
+        import webdataset
+    except ImportError:
+        raise CnnkitError(
+            "tar shards need the webdataset library: pip install 'cnnkit[shards]'"
+        ) from None
+    return webdataset
 
 
 def _buffer_shuffle(samples, size: int, rng: random.Random):
