@@ -140,3 +140,12 @@ def test_resume_with_another_world_size_is_refused_unless_allowed(tmp_path):
     allowed = torchrun(tmp_path, [*args, "--allow-world-change"])
     assert allowed.returncode == 0, allowed.stderr[-3000:]
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 2
+
+
+def test_ema_under_ddp_tracks_the_unwrapped_model(tmp_path):
+    config = config_file(tmp_path, epochs=1)
+    proc = torchrun(
+        tmp_path,
+        ["train", "--config", str(config), "train.ema=true", f"train.out_dir={tmp_path}"],
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -168,7 +168,7 @@ def _train_step(model, images, labels, tools: StepTools, rt: Runtime, step: int 
     if tools.scheduler is not None:
         tools.scheduler.step()
     if tools.ema is not None:
-        tools.ema.update(model)
+        tools.ema.update(unwrap(model))
     return loss, logits
 
 
@@ -211,6 +211,18 @@ def _backward(loss: torch.Tensor, tools: StepTools) -> None:
         tools.scaler.scale(loss).backward()
     else:
         loss.backward()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside DistributedDataParallel and torch.compile wrappers (whose state
+    dict keys carry ``module.`` / ``_orig_mod.`` prefixes)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model
 
 
 def _clip(model: nn.Module, max_norm: float | None) -> None:
