@@ -67,7 +67,7 @@ class Variant:
         torch.manual_seed(0)
         self.name = name
         self.rt = runtime.Runtime(device, precision, channels_last, comp)
-        model = cnnkit.create_model(model_name, num_classes=classes, in_chans=shape[1])
+        model = build(model_name, classes, shape)
         self.model = model.to(device, memory_format=self.rt.memory_format).train()
         self.step_model = torch.compile(self.model) if comp else self.model
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
@@ -94,6 +94,15 @@ class Variant:
         return (time.perf_counter() - start) / steps
 
 
+def build(model_name: str, classes: int, shape) -> nn.Module:
+    """A zoo model; data-initialised layers (speedrun_net's whitening) get random images."""
+    model = cnnkit.create_model(model_name, num_classes=classes, in_chans=shape[1])
+    if hasattr(model, "init_from_data"):
+        g = torch.Generator().manual_seed(1)
+        model.init_from_data(torch.randn(512, *shape[1:], generator=g))
+    return model
+
+
 def hand_loop(model, opt, batches, device) -> float:
     """The textbook loop over in-memory batches: seconds per step."""
     sync(device)
@@ -113,7 +122,7 @@ def fit_loop_overhead(model_name, shape, classes, device, steps: int, repeats: i
     models, opts = [], []
     for _ in range(2):
         torch.manual_seed(0)
-        m = cnnkit.create_model(model_name, num_classes=classes, in_chans=shape[1])
+        m = build(model_name, classes, shape)
         m = m.to(device, memory_format=rt.memory_format).train()
         models.append(m)
         opts.append(torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, nesterov=True))
@@ -174,7 +183,7 @@ def main() -> None:
     for model_name in args.models.split(","):
         shape = (args.batch_size, 3, args.size, args.size)
         print(f"\n{model_name}:")
-        probe = cnnkit.create_model(model_name, num_classes=10)
+        probe = build(model_name, 10, shape)
         flops = step_flops(probe, torch.randn(*shape), torch.randint(10, (shape[0],)))
         variants = [
             Variant("baseline fp32 NCHW", model_name, shape, 10, device, "fp32", False, False)
