@@ -514,9 +514,12 @@ def _files_fingerprint(root: Path, classes: list[str], *splits) -> str:
     for name, dataset in zip(("train", "val", "test"), splits, strict=True):
         if dataset is None:
             continue
+        prefix = os.path.join(os.fspath(root), "")
         for path, label in zip(dataset.paths, dataset.targets, strict=True):
-            stat = path.stat()
-            rel = os.path.relpath(path, root)
+            text = os.fspath(path)
+            stat = os.stat(text)
+            # a plain prefix cut: os.path.relpath costs ~20 us a file (1 s for CIFAR-10)
+            rel = text[len(prefix) :] if text.startswith(prefix) else os.path.relpath(text, root)
             digest.update(f"{name}\t{rel}\t{stat.st_size}\t{stat.st_mtime_ns}\t{label}\n".encode())
     return digest.hexdigest()[:16]
 
