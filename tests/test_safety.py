@@ -150,6 +150,20 @@ def test_failed_write_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 
 
+def test_atomic_files_get_the_permissions_of_an_ordinary_file(tmp_path):
+    (tmp_path / "plain").write_bytes(b"x")
+    checkpoint.atomic_write_bytes(tmp_path / "atomic", b"x")  # from mkstemp: 0600 unless fixed
+    assert (tmp_path / "atomic").stat().st_mode == (tmp_path / "plain").stat().st_mode
+
+
+def test_a_save_killed_while_keeping_the_previous_file_leaves_no_temporary(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"model": {"w": torch.ones(3)}})
+    (tmp_path / ".previous.pt.link.tmp").write_bytes(b"half")  # killed between link and rename
+    save_checkpoint(path, {"model": {"w": torch.zeros(3)}})  # the next save clears it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
 def test_non_finite_weights_are_never_written(tmp_path):
     bad = {"w": torch.tensor([1.0, float("nan")])}
     with pytest.raises(CnnkitError, match="non-finite"):

@@ -30,12 +30,22 @@ from cnnkit.errors import CnnkitError
 MODEL_FORMAT = "cnnkit-model/1"
 
 
+def _file_mode() -> int:
+    umask = os.umask(0o022)  # read the umask (set back at once; this runs once, at import)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers only ever see the old or the new content."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; give what open() would have given
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -73,8 +83,9 @@ def save_checkpoint(path: str | Path, state: dict, keep_previous: bool = False) 
         check_finite(state["ema"]["module"], path)
     buf = io.BytesIO()
     torch.save(state, buf)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed earlier save
-        stale.unlink(missing_ok=True)
+    for name in (path.name, PREVIOUS):  # temporaries left by a save killed half-way
+        for stale in path.parent.glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
     if keep_previous and path.is_file():
         _copy_atomic(path, path.with_name(PREVIOUS))
     atomic_write_bytes(path, buf.getvalue())
