@@ -12,6 +12,7 @@ import torch
 
 import cnnkit
 from cnnkit.engine.checkpoint import load_checkpoint
+from conftest import make_folder
 
 pytestmark = pytest.mark.distributed
 
@@ -83,6 +84,23 @@ def test_two_processes_equal_one_process_on_the_combined_batch(tmp_path):
     assert listing(tmp_path / "two") == listing(tmp_path / "one")
     assert proc.stdout.count("training spec on digits") == 1
     assert "2 processes" in proc.stdout
+
+
+def test_an_image_folder_is_decoded_once_by_the_first_process(tmp_path):
+    # the first process decodes (and checks) the files into the cache while the other waits at
+    # a barrier, then reads it back: no deadlock, one cache file, the same data in both
+    root = make_folder(tmp_path / "imgs", per_class=8)
+    cache = tmp_path / "cache"
+    args = ["train", str(root), "--epochs", "1", "--quiet", "--no-report", "--batch-size", "4"]
+    proc = torchrun(
+        tmp_path,
+        [*args, "--name", "f", f"train.out_dir={tmp_path}"],
+        extra_env={"CNNKIT_CACHE_DIR": str(cache)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("decoding 24 images once") == 1, proc.stdout  # before the val carve
+    assert len(list((cache / "decoded").glob("*.npy"))) == 1
+    assert not list((cache / "decoded").glob("*tmp*"))
 
 
 def test_killed_rank_restarts_and_finishes_like_an_uninterrupted_run(tmp_path):

@@ -13,8 +13,8 @@ from PIL import Image
 
 import cnnkit
 from cnnkit.cli.main import run
-from cnnkit.data.doctor import scan
-from cnnkit.data.images import ImageFileError, decode
+from cnnkit.data.doctor import check_files, scan
+from cnnkit.data.images import ImageFileError, decode, is_image_file
 from cnnkit.data.loader import EpochSampler
 from conftest import write_image
 
@@ -144,6 +144,15 @@ def test_decoding_policy(sick):
     assert np.asarray(decode(cat / "ramp.png", "L")[0]).tolist() == [[0, 100, 128, 255]]  # scaled
     with pytest.raises(ImageFileError, match="bomb.png"):
         decode(dog / "bomb.png")
+
+
+def test_preflight_check_skips_perceptual_hashes_and_the_doctor_adds_them(sick):
+    images = [p for p in sick.rglob("*") if p.is_file() and is_image_file(p)]
+    assert set(_by_name(check_files(images))) == set(BAD)  # decoded, not hashed
+    report = scan(sick)
+    assert 0 < report.cached < report.images  # the bad files' results are reused
+    near = {(Path(p["a"]).name, Path(p["b"]).name) for p in report.near_duplicates}
+    assert ("near.jpg", "1.png") in near or ("1.png", "near.jpg") in near
 
 
 def test_training_stops_on_bad_files_unless_skip_bad(tmp_path, sick, capsys):

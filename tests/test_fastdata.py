@@ -17,7 +17,7 @@ from cnnkit.config import DataConfig
 from cnnkit.data import build, make_loader
 from cnnkit.data.batchaug import BatchAugment
 from cnnkit.data.cache import decoded_images, geometry_ops, stored_geometry
-from cnnkit.data.images import load_image
+from cnnkit.data.images import ImageFileError, load_image
 from cnnkit.data.memory import MemoryLoader, run_loader
 from conftest import make_folder
 
@@ -131,8 +131,9 @@ def test_decode_cache_matches_per_file_decoding_and_is_reused(tmp_path):
         expected = torch.from_numpy(np.array(ops(load_image(path)))).permute(2, 0, 1)
         assert torch.equal(cold[i], expected)
     assert any("decoding 12 images" in n for n in notes)
-    files = list((tmp_path / "cache" / "decoded").iterdir())
-    assert len(files) == 1 and files[0].suffix == ".npy"  # no temporary file left behind
+    files = sorted((tmp_path / "cache" / "decoded").iterdir())
+    # the array and its list of failures (empty); no temporary file left behind
+    assert [f.suffix for f in files] == [".json", ".npy"] and files[0].stem == files[1].stem
 
     notes.clear()
     warm = decoded_images(paths, "RGB", geometry, tmp_path / "cache", workers=2, note=notes.append)
@@ -146,7 +147,34 @@ def test_decode_cache_matches_per_file_decoding_and_is_reused(tmp_path):
     )
     assert any("decoding" in n for n in notes)
     assert changed[0, :, 0, 0].tolist() == [1, 2, 3] and torch.equal(changed[1:], cold[1:])
-    assert len(list((tmp_path / "cache" / "decoded").iterdir())) == 2
+    assert len(list((tmp_path / "cache" / "decoded").iterdir())) == 4
+
+
+def test_the_decode_once_pass_is_the_preflight_check_cold_and_warm(tmp_path, monkeypatch):
+    """Files that are decoded once are checked by that decode (no second pass through the
+    doctor); its failures are kept with the cache, so a warm start stops or skips the same files."""
+    monkeypatch.setenv("CNNKIT_CACHE_DIR", str(tmp_path / "cache"))
+    root = make_folder(tmp_path / "imgs", per_class=6)
+    bad = root / "green" / "zz-truncated.png"
+    bad.write_bytes((root / "green" / "1.png").read_bytes()[:60])
+    cfg = DataConfig(source=str(root), val_fraction=0.25, skip_bad=True)
+    builds = []
+    for _ in range(2):  # cold, then warm
+        notes: list[str] = []
+        splits = build(cfg, seed=0, note=notes.append)
+        builds.append((splits, notes))
+    (cold, cold_notes), (warm, warm_notes) = builds
+    assert any("decoding" in n for n in cold_notes) and warm_notes == []
+    for splits in (cold, warm):
+        assert [(f.path, f.kind) for f in splits.skipped] == [(str(bad), "unreadable")]
+        assert len(splits.train) + len(splits.val) == 18
+        assert str(bad) not in map(str, splits.train.paths + splits.val.paths)
+        assert splits.train.decoded.shape[0] == len(splits.train)
+    assert torch.equal(cold.train.decoded, warm.train.decoded) and cold.mean == warm.mean
+    assert not (tmp_path / "cache" / "doctor").exists()  # checked by the decode pass alone
+    cfg.skip_bad = False
+    with pytest.raises(ImageFileError, match="zz-truncated.png"):
+        build(cfg, seed=0, note=lambda n: None)
 
 
 def test_folder_loader_is_in_memory_within_budget_and_streams_above(tmp_path):
@@ -156,7 +184,10 @@ def test_folder_loader_is_in_memory_within_budget_and_streams_above(tmp_path):
     kw = dict(train=True, seed=0, device=torch.device("cpu"), note=lambda m: None)
     fast = run_loader(splits.train, splits.preprocessing, splits.augment, cfg, 4, **kw)
     assert isinstance(fast, MemoryLoader)
+    assert splits.train.decoded is not None  # decoded once by build, which checked every file
     cfg.cache_memory = 0.0
+    splits = build(cfg, seed=0)
+    assert splits.train.decoded is None
     slow = run_loader(splits.train, splits.preprocessing, splits.augment, cfg, 4, **kw)
     assert not isinstance(slow, MemoryLoader)
     cfg.cache_memory, cfg.auto_augment = None, "trivial"  # per-sample only: DataLoader, in memory

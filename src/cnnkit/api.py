@@ -90,7 +90,7 @@ def train(
     if restarted is not None:
         return _resume(restarted, stop_after, [], False, allow_world_change)
     runtime.seed_everything(cfg.train.seed)
-    splits = data.build(cfg.data, seed=cfg.train.seed)
+    splits = _build_data(cfg)
     recipes.check_data(cfg, splits)
     model = _build_model(cfg, splits)
     splits = _match_pretrained_normalisation(cfg, splits, model)
@@ -247,7 +247,7 @@ def _resume(
     changes = _config_changes(saved, cfg)
     if state["epoch"] >= cfg.train.epochs:
         raise CnnkitError(f"--resume: {run_dir} already finished its {cfg.train.epochs} epochs")
-    splits = data.build(cfg.data, seed=cfg.train.seed)
+    splits = _build_data(cfg)
     if state.get("fingerprint", splits.fingerprint) != splits.fingerprint:
         changes.append("the data files (added, removed or modified since the checkpoint)")
     if changes and not changed_ok:
@@ -417,7 +417,30 @@ def _match_pretrained_normalisation(cfg: Config, splits, model: nn.Module):
     if not cfg.model.pretrained or cfg.data.mean is not None or len(mean) != splits.in_chans:
         return splits
     cfg.data.mean, cfg.data.std = [float(v) for v in mean], [float(v) for v in std]
-    return data.build(cfg.data, seed=cfg.train.seed)
+    return data.build(cfg.data, seed=cfg.train.seed, note=_data_note())
+
+
+def _build_data(cfg: Config):
+    """``data.build`` for a run. Under torchrun the first process of each machine builds first,
+    decoding (and so checking) the files into the cache once; the others then read it back
+    instead of decoding the same files at the same time."""
+    dd = distributed.current()
+    if dd.enabled and dd.local_rank != 0:
+        distributed.barrier()  # wait for this machine's first process to fill the cache
+    splits = data.build(cfg.data, seed=cfg.train.seed, note=_data_note())
+    if dd.enabled and dd.local_rank == 0:
+        distributed.barrier()
+    return splits
+
+
+def _data_note():
+    """Where a training run's data notes (decoding once...) go: the progress output (stdout) of
+    the main process; other ranks stay silent."""
+    return (lambda text: print(text, flush=True)) if distributed.current().main else _silent
+
+
+def _silent(text: str) -> None:
+    pass
 
 
 def read_weights(path: str | Path) -> dict:

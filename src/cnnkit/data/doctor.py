@@ -27,6 +27,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -86,8 +87,10 @@ class Report:
 # One file
 
 
-def inspect_file(path: str) -> dict:
-    """Decode one file fully: {size, sha (content hash), phash, facts} or {size, error, kind}."""
+def inspect_file(path: str, phash: bool = True) -> dict:
+    """Decode one file fully: {size, sha (content hash), phash, facts} or {size, error, kind}.
+    ``phash=False`` leaves out the perceptual hash (which costs more than decoding a small
+    image): enough for the pre-flight check; the doctor adds it when it needs it."""
     try:
         with open(path, "rb") as f:
             content = f.read()
@@ -100,8 +103,11 @@ def inspect_file(path: str) -> dict:
     try:
         image, facts = decode(path, "RGB")
     except ImageFileError as e:
-        return {"size": size, "sha": sha, "kind": _error_kind(str(e)), "error": str(e)}
-    return {"size": size, "sha": sha, "phash": _phash(image), "facts": facts}
+        return {"size": size, "sha": sha, "kind": error_kind(str(e)), "error": str(e)}
+    record = {"size": size, "sha": sha, "facts": facts}
+    if phash:
+        record["phash"] = _phash(image)
+    return record
 
 
 def _phash(image) -> str:
@@ -118,7 +124,7 @@ def _what_policy_does(facts: dict) -> str:
     return "converted to RGB"
 
 
-def _error_kind(message: str) -> str:
+def error_kind(message: str) -> str:
     if "not an image file" in message:
         return "not_image"
     if "pixels" in message and "limit" in message:
@@ -146,17 +152,19 @@ def _file_warnings(path: str, facts: dict) -> list[Finding]:
 # Many files, cached
 
 
-def inspect_files(paths: Sequence, workers: int | None = None) -> tuple[dict, int]:
+def inspect_files(
+    paths: Sequence, workers: int | None = None, phash: bool = True
+) -> tuple[dict, int]:
     """{path: inspect_file result} for every path, reusing cached results; (results, cached)."""
     cache = _Cache()
     results, todo = {}, []
     for path in map(str, paths):
         hit = cache.get(path)
-        if hit is None:
+        if hit is None or (phash and "phash" not in hit and "error" not in hit):
             todo.append(path)
         else:
             results[path] = hit
-    for path, record in zip(todo, _run_parallel(todo, workers), strict=True):
+    for path, record in zip(todo, _run_parallel(todo, workers, phash), strict=True):
         results[path] = record
         cache.put(path, record)
     cache.save()
@@ -165,22 +173,23 @@ def inspect_files(paths: Sequence, workers: int | None = None) -> tuple[dict, in
 
 def check_files(paths: Sequence, workers: int | None = None) -> list[Finding]:
     """The files among ``paths`` that cannot be decoded (pre-flight check before training)."""
-    results, _ = inspect_files(paths, workers)
+    results, _ = inspect_files(paths, workers, phash=False)
     return [
         Finding(path, rec["kind"], rec["error"]) for path, rec in results.items() if "error" in rec
     ]
 
 
-def _run_parallel(names: Sequence[str], workers: int | None) -> list[dict]:
+def _run_parallel(names: Sequence[str], workers: int | None, phash: bool = True) -> list[dict]:
     workers = workers or _cpu_count()
+    inspect = inspect_file if phash else partial(inspect_file, phash=False)
     if len(names) < IN_PROCESS_BELOW or workers <= 1:
-        return [inspect_file(n) for n in names]
+        return [inspect(n) for n in names]
     # fork: workers start in milliseconds and only use Pillow/numpy (no torch threads)
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     ctx = multiprocessing.get_context(method)
     chunk = max(1, min(256, len(names) // (workers * 8)))
     with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        return list(pool.map(inspect_file, names, chunksize=chunk))
+        return list(pool.map(inspect, names, chunksize=chunk))
 
 
 class _Cache:

@@ -75,8 +75,9 @@ def decode(
     says where they came from in error messages."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    source = io.BytesIO(path) if isinstance(path, bytes | bytearray) else Path(path)
-    path = Path(name) if name is not None else source if isinstance(source, Path) else "<bytes>"
+    # a plain string path: building a Path costs ~17 us, 10% of decoding a 32x32 JPEG
+    source = io.BytesIO(path) if isinstance(path, bytes | bytearray) else os.fspath(path)
+    path = name if name is not None else source if isinstance(source, str) else "<bytes>"
     try:
         with Image.open(source) as img:
             _check_pixels(img, path)
@@ -134,11 +135,34 @@ def is_image_file(path: str | os.PathLike) -> bool:
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
     """Image files under ``folder`` (recursively, following links), in sorted order."""
-    found = []
-    for top, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found.extend(Path(top, f) for f in sorted(files) if is_image_file(f))
-    return found
+    return [Path(path) for path, _, _ in scan_images(folder)]
+
+
+def scan_images(folder: str | os.PathLike) -> list[tuple[str, int, int]]:
+    """(path, size, mtime_ns) of the image files under ``folder``, in ``list_images`` order: a
+    folder's own files sorted by name, then its visible subfolders (links followed) in name order.
+
+    One ``stat`` per file and plain strings: listing CIFAR-10's 60,000 files this way takes
+    ~0.15 s against ~1 s for ``Path`` objects stat-ed one by one. A file that cannot be stat-ed
+    (a broken link) gets size and mtime -1, so decoding it reports it like any other bad file.
+    """
+    files, dirs = [], []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():  # follows links, as os.walk(followlinks=True) did
+                dirs.append(entry.name)
+            elif is_image_file(entry.name):
+                try:
+                    stat = entry.stat()
+                    files.append((entry.path, stat.st_size, stat.st_mtime_ns))
+                except OSError:
+                    files.append((entry.path, -1, -1))
+    files.sort()
+    for name in sorted(dirs):
+        files.extend(scan_images(os.path.join(folder, name)))
+    return files
 
 
 def _check_pixels(img: Image.Image, path: Path) -> None:

@@ -161,6 +161,9 @@ def _images(dataset, preprocessing: dict, aug: dict | None, cfg: DataConfig, not
 
     geometry = cache.stored_geometry(preprocessing, bool(aug and aug.get("random_resized_crop")))
     mode = image_mode(preprocessing)
+    decoded = getattr(dataset, "decoded", None)  # decoded once by data.build (its check)
+    if decoded is not None and dataset.decoded_geometry == geometry and dataset.mode == mode:
+        return decoded
     channels = 1 if mode == "L" else 3
     nbytes = len(dataset) * channels * geometry["size"][0] * geometry["size"][1]
     if cfg.decode_cache == "auto" and nbytes > cache.budget_bytes(cfg.cache_memory):

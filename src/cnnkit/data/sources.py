@@ -39,6 +39,7 @@ from cnnkit.data.images import (
     image_info,
     list_images,
     load_image,
+    scan_images,
 )
 from cnnkit.data.transforms import (
     eval_transform,
@@ -119,20 +120,52 @@ class TensorImageDataset(Dataset):
 
 
 class FileImageDataset(Dataset):
-    """Image files with integer labels, decoded by ``load_image`` in ``mode`` ("RGB" or "L")."""
+    """Image files with integer labels, decoded by ``load_image`` in ``mode`` ("RGB" or "L").
+
+    ``stats``: (size, mtime_ns) per file as listed (taken with ``os.stat`` when not given), for
+    fingerprints and cache keys. ``decoded``: set by ``build`` when the split was decoded once -
+    uint8 (N, C, H, W) in ``mode`` at ``decoded_geometry`` (see ``cnnkit.data.cache``), row i
+    being file i; the loaders then read it instead of the files.
+    """
 
     def __init__(
-        self, paths: Sequence[Path], targets: Sequence[int], mode: str = "RGB", transform=None
+        self,
+        paths: Sequence[str | Path],
+        targets: Sequence[int],
+        mode: str = "RGB",
+        transform=None,
+        stats: Sequence[tuple[int, int]] | None = None,
     ) -> None:
         self.paths, self.targets = list(paths), list(targets)
         self.mode, self.transform = mode, transform
+        self._stats = list(stats) if stats is not None else None
+        self.decoded: torch.Tensor | None = None
+        self.decoded_geometry: dict | None = None
+
+    @property
+    def stats(self) -> list[tuple[int, int]]:
+        """(size, mtime_ns) per file; -1, -1 for a file that cannot be stat-ed."""
+        if self._stats is None:
+            self._stats = [_stat(path) for path in self.paths]
+        return self._stats
 
     def subset(self, indices: Sequence[int]) -> FileImageDataset:
-        paths = [self.paths[i] for i in indices]
-        return FileImageDataset(paths, [self.targets[i] for i in indices], self.mode)
+        out = self._copy([self.paths[i] for i in indices], [self.targets[i] for i in indices])
+        out._stats = [self._stats[i] for i in indices] if self._stats is not None else None
+        if self.decoded is not None:
+            rows = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+            out.decoded, out.decoded_geometry = self.decoded[rows], self.decoded_geometry
+        return out
 
     def with_transform(self, transform, mode: str | None = None) -> FileImageDataset:
-        return FileImageDataset(self.paths, self.targets, mode or self.mode, transform)
+        out = self._copy(self.paths, self.targets, transform, mode or self.mode)
+        out._stats = self._stats
+        if out.mode == self.mode:  # decoded in this mode: still valid
+            out.decoded, out.decoded_geometry = self.decoded, self.decoded_geometry
+        return out
+
+    def _copy(self, paths, targets, transform=None, mode=None) -> FileImageDataset:
+        return type(self)(paths, targets, mode or self.mode, transform or self.transform)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -140,6 +173,14 @@ class FileImageDataset(Dataset):
     def __getitem__(self, index: int):
         image = load_image(self.paths[index], self.mode)
         return (self.transform(image) if self.transform else image), self.targets[index]
+
+
+def _stat(path) -> tuple[int, int]:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return -1, -1
+    return stat.st_size, stat.st_mtime_ns
 
 
 @dataclass
@@ -170,7 +211,7 @@ class _Builtin:
 # Public entry points
 
 
-def build(cfg: DataConfig, seed: int) -> Splits:
+def build(cfg: DataConfig, seed: int, note: Callable[[str], None] | None = None) -> Splits:
     """Read ``cfg.source`` into train/val/test datasets with their transforms and description.
 
     Input size: ``cfg.input_size`` when set (square); else built-ins keep their native size and
@@ -188,7 +229,9 @@ def build(cfg: DataConfig, seed: int) -> Splits:
             f"data.input_size must be a positive number of pixels or null, got {cfg.input_size}"
         )
     src = _read_source(cfg)
-    skipped = preflight(src, cfg)
+    in_chans, input_size, crop = _geometry(src.train, cfg.input_size)
+    plain = make_preprocessing(in_chans, input_size, [0.0] * in_chans, [1.0] * in_chans, crop)
+    skipped = preflight(src, cfg, plain, resolve_augment(plain, cfg, src.preset), note)
     train, val = src.train, src.val
     streamed = isinstance(train, shards.ShardDataset)
     if streamed:
@@ -196,11 +239,10 @@ def build(cfg: DataConfig, seed: int) -> Splits:
     if val is None and cfg.val_fraction > 0 and not streamed:  # shards: give data.val
         keep, held = stratified_split(train.targets, cfg.val_fraction, seed)
         train, val = train.subset(keep), (train.subset(held) if len(held) else None)
-    in_chans, input_size, crop = _geometry(train, cfg.input_size)
     if cfg.mean is not None or cfg.std is not None:
         mean, std = _given_stats(cfg, in_chans)
     elif src.mean is None:
-        mean, std = _image_stats(train, in_chans, input_size, crop)
+        mean, std = _image_stats(train, plain)
     else:
         mean, std = src.mean, src.std
     pre = make_preprocessing(in_chans, input_size, mean, std, crop)
@@ -222,17 +264,63 @@ def build(cfg: DataConfig, seed: int) -> Splits:
     )
 
 
-def preflight(src: _Source, cfg: DataConfig) -> list:
-    """Decode every image file of the source before training (results cached by the doctor).
-    Bad files stop the run, naming them, unless ``cfg.skip_bad``: then they are left out of
-    their split and returned (as ``doctor.Finding``) for the run folder's list."""
-    from cnnkit.data.doctor import check_files
+def preflight(
+    src: _Source, cfg: DataConfig, plain: dict, aug: dict, note: Callable[[str], None] | None = None
+) -> list:
+    """Make sure training never meets a bad file by surprise, decoding each file once.
 
+    File splits that fit the decode budget (``data.decode_cache``, ``data.cache_memory``) are
+    decoded here into the decode-once cache (see ``cnnkit.data.cache``): that full decode is their
+    check, and the loaders then read the decoded tensor. Other file splits are checked with the
+    doctor's cached scan when ``data.check_files``. Bad files stop the run, naming them, unless
+    ``cfg.skip_bad``: then they are left out of their split and returned (as ``doctor.Finding``)
+    for the run folder's list. ``plain``: the preprocessing without mean/std; ``aug``: the
+    resolved train augmentation (random resized crops store larger images).
+    """
+    from cnnkit.data import cache
+    from cnnkit.data.doctor import Finding, check_files, error_kind
+    from cnnkit.data.loader import auto_workers
+
+    if cfg.decode_cache not in cache.MODES:
+        raise CnnkitError(
+            f"data.decode_cache must be one of {', '.join(cache.MODES)}, got '{cfg.decode_cache}'"
+        )
     names = ("train", "val", "test")
     files = {n: getattr(src, n) for n in names if isinstance(getattr(src, n), FileImageDataset)}
-    if not cfg.check_files or not files:
+    if not files:
         return []
-    bad = check_files([p for dataset in files.values() for p in dataset.paths])
+    note = note or cache.stderr_note
+    mode, chans = image_mode(plain), plain["in_chans"]
+    budget = cache.budget_bytes(cfg.cache_memory) if cfg.decode_cache == "auto" else None
+    bad, unchecked = [], []
+    for name, dataset in files.items():
+        geometry = cache.stored_geometry(plain, name == "train" and aug["random_resized_crop"])
+        nbytes = len(dataset) * chans * geometry["size"][0] * geometry["size"][1]
+        if cfg.decode_cache == "off" or (budget is not None and nbytes > budget):
+            unchecked.append(dataset)
+            if cfg.decode_cache == "auto":
+                note(
+                    f"note: {len(dataset)} {name} images take {nbytes / 2**30:.1f} GiB decoded, "
+                    "over the decode budget; streaming them from the files (raise "
+                    "data.cache_memory to decode once)"
+                )
+            continue
+        budget = budget - nbytes if budget is not None else None
+        images, failures = cache.decode_checked(
+            dataset.paths,
+            dataset.stats,
+            mode,
+            geometry,
+            cache.cache_root(cfg.cache_dir),
+            workers=auto_workers(dataset),
+            note=note,
+        )
+        dataset.decoded, dataset.decoded_geometry = images, geometry
+        for i, message in failures:
+            kind = "empty" if dataset.stats[i][0] == 0 else error_kind(message)
+            bad.append(Finding(os.fspath(dataset.paths[i]), kind, message))
+    if cfg.check_files and unchecked:
+        bad += check_files([p for dataset in unchecked for p in dataset.paths])
     if bad and not cfg.skip_bad:
         shown = "; ".join(f"{f.path} ({f.kind})" for f in bad[:10])
         more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
@@ -243,7 +331,7 @@ def preflight(src: _Source, cfg: DataConfig) -> list:
     dropped = {f.path for f in bad}
     for name, dataset in files.items():
         if dropped:
-            keep = [i for i, p in enumerate(dataset.paths) if str(p) not in dropped]
+            keep = [i for i, p in enumerate(dataset.paths) if os.fspath(p) not in dropped]
             setattr(src, name, dataset.subset(keep))
     return bad
 
@@ -441,21 +529,22 @@ def _labelled_folder(folder: Path, classes: list[str]) -> FileImageDataset:
     subdirs = _subdirs(folder)
     if not subdirs:
         raise CnnkitError(f"no class subfolders in {folder}: expected {folder}/<class>/<image>")
-    paths, targets = [], []
+    paths, targets, stats = [], [], []
     for sub in sorted(subdirs, key=lambda d: index.get(d.name, -1)):
         if sub.name not in index:
             raise CnnkitError(
                 f"class folder {sub} is not a training class {_short(classes)}; rename or remove it"
             )
-        files = list_images(sub)
+        files = scan_images(sub)
         if not files:
             raise CnnkitError(
                 f"class folder {sub} has no images ({' '.join(IMAGE_EXTENSIONS)}); "
                 "add images or remove the folder"
             )
-        paths += files
+        paths += [path for path, _, _ in files]
+        stats += [(size, mtime) for _, size, mtime in files]
         targets += [index[sub.name]] * len(files)
-    return FileImageDataset(paths, targets)
+    return FileImageDataset(paths, targets, stats=stats)
 
 
 def _subdirs(folder: Path) -> list[Path]:
@@ -515,12 +604,12 @@ def _files_fingerprint(root: Path, classes: list[str], *splits) -> str:
         if dataset is None:
             continue
         prefix = os.path.join(os.fspath(root), "")
-        for path, label in zip(dataset.paths, dataset.targets, strict=True):
+        rows = zip(dataset.paths, dataset.stats, dataset.targets, strict=True)
+        for path, (size, mtime), label in rows:
             text = os.fspath(path)
-            stat = os.stat(text)
             # a plain prefix cut: os.path.relpath costs ~20 us a file (1 s for CIFAR-10)
             rel = text[len(prefix) :] if text.startswith(prefix) else os.path.relpath(text, root)
-            digest.update(f"{name}\t{rel}\t{stat.st_size}\t{stat.st_mtime_ns}\t{label}\n".encode())
+            digest.update(f"{name}\t{rel}\t{size}\t{mtime}\t{label}\n".encode())
     return digest.hexdigest()[:16]
 
 
@@ -549,7 +638,7 @@ def _geometry(
     if isinstance(train, shards.ShardDataset):
         infos = train.headers(SIZE_SAMPLE)  # the first images of the first shards
     else:
-        infos = [image_info(p) for p in _even_sample(train.paths, SIZE_SAMPLE)]
+        infos = _headers(_even_sample(train.paths, SIZE_SAMPLE))
     chans = 1 if all(mode in GRAY_MODES for _, _, mode in infos) else 3
     if input_size is None:
         side = float(np.median([min(w, h) for w, h, _ in infos]))
@@ -557,30 +646,65 @@ def _geometry(
     return chans, (input_size, input_size), "center"
 
 
+def _headers(paths: Sequence) -> list[tuple[int, int, str]]:
+    """(width, height, mode) of the files whose header can be read; bad files are left to the
+    pre-flight check, which names every one (raises only when none is readable)."""
+    infos, first_error = [], None
+    for path in paths:
+        try:
+            infos.append(image_info(path))
+        except ImageFileError as e:
+            first_error = first_error or e
+    if not infos and first_error is not None:
+        raise first_error
+    return infos
+
+
 def _image_stats(
-    train: TensorImageDataset | FileImageDataset,
-    in_chans: int,
-    input_size: tuple[int, int],
-    crop: str,
+    train: TensorImageDataset | FileImageDataset, plain: dict
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean/std (0..1 units) of up to STATS_SAMPLE training images at the input size."""
-    plain = make_preprocessing(in_chans, input_size, [0.0] * in_chans, [1.0] * in_chans, crop)
-    dataset = train.with_transform(eval_transform(plain), image_mode(plain))
-    if isinstance(dataset, shards.ShardDataset):
-        samples = shards.first_samples(dataset, STATS_SAMPLE)
+    """Per-channel mean/std (0..1 units) of up to STATS_SAMPLE training images at the input size
+    (resized and cropped as for evaluation; ``plain``: the preprocessing without mean/std)."""
+    in_chans = plain["in_chans"]
+    if isinstance(train, shards.ShardDataset):
+        dataset = train.with_transform(eval_transform(plain), image_mode(plain))
+        samples = [image for image, _ in shards.first_samples(dataset, STATS_SAMPLE)]
     else:
-        indices = _even_sample(range(len(dataset)), STATS_SAMPLE)
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            samples = list(pool.map(dataset.__getitem__, indices))
+        samples = _uint8_samples(train, plain, _even_sample(range(len(train)), STATS_SAMPLE))
     total = torch.zeros(3, in_chans, dtype=torch.float64)  # pixel count, sum, sum of squares
-    for image, _ in samples:
+    for image in samples:
         pixels = image.double().flatten(1)  # (C, H * W)
+        if image.dtype == torch.uint8:
+            pixels = pixels / 255.0
         total[0] += pixels.shape[1]
         total[1] += pixels.sum(1)
         total[2] += (pixels**2).sum(1)
     mean = total[1] / total[0]
     std = (total[2] / total[0] - mean**2).clamp_min(1e-12).sqrt()
     return tuple(mean.tolist()), tuple(std.clamp_min(1e-3).tolist())
+
+
+def _uint8_samples(train, plain: dict, indices: list[int]) -> list[torch.Tensor]:
+    """uint8 (C, H, W) images of ``train`` at the eval geometry: from the decoded tensor when it
+    holds that geometry, else decoded from the files the same way (so both agree bit for bit)."""
+    from cnnkit.data import cache
+
+    geometry = cache.stored_geometry(plain, False)
+    if isinstance(train, TensorImageDataset):
+        images = train.images[torch.as_tensor(indices, dtype=torch.long)]
+        if list(images.shape[-2:]) != list(geometry["size"]):
+            images = cache.geometry_ops(geometry)(images)
+        return list(images)
+    if train.decoded is not None and train.decoded_geometry == geometry:
+        return list(train.decoded[torch.as_tensor(indices, dtype=torch.long)])
+    ops, mode = cache.geometry_ops(geometry), image_mode(plain)
+
+    def one(index: int) -> torch.Tensor:
+        image = load_image(train.paths[index], mode)
+        return torch.from_numpy(cache.to_geometry(image, geometry, ops).copy())
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(one, indices))
 
 
 def _even_sample(items: Sequence, count: int) -> list:
