@@ -34,8 +34,8 @@ def lr_find(
     """Loss against an exponentially growing lr; prints the suggested lr and plots the curve."""
     from cnnkit.api import lr_find as api_lr_find
     from cnnkit.cli.train import split_positionals
-    from cnnkit.engine.checkpoint import atomic_write_bytes
     from cnnkit.evaluation.plots import png
+    from cnnkit.fileio import atomic_write_bytes
 
     if steps < 10:
         raise typer.BadParameter(f"must be at least 10, got {steps}", param_hint="--steps")

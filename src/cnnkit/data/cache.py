@@ -36,9 +36,8 @@ from torchvision.transforms import v2
 
 from cnnkit.data.images import ImageFileError, load_image
 from cnnkit.data.transforms import INTERPOLATIONS
-from cnnkit.engine.checkpoint import _fsync_dir as fsync_dir  # same durability as run files
-from cnnkit.engine.checkpoint import atomic_write_bytes
 from cnnkit.errors import CnnkitError
+from cnnkit.fileio import atomic_write_bytes, fsync_dir  # same durability as run files
 
 CACHE_VERSION = 2  # 2: failures kept beside the array
 CHUNK = 256  # images per task of a decode worker

@@ -35,6 +35,7 @@ import PIL
 
 from cnnkit.data.images import IMAGE_EXTENSIONS, ImageFileError, decode
 from cnnkit.errors import CnnkitError
+from cnnkit.fileio import atomic_write_bytes
 
 CACHE_VERSION = f"doctor-1/pillow-{PIL.__version__}"  # a new Pillow may decode differently
 JUNK_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini", "__MACOSX", "._.DS_Store"})
@@ -222,8 +223,6 @@ class _Cache:
         self.dirty.add(folder)
 
     def save(self) -> None:
-        from cnnkit.engine.checkpoint import atomic_write_bytes
-
         for folder in self.dirty:
             data = {"version": CACHE_VERSION, "folder": folder, "files": self.shards[folder]}
             try:

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from cnnkit.config import TrainConfig
-from cnnkit.engine.checkpoint import atomic_write_bytes
 from cnnkit.errors import CnnkitError
+from cnnkit.fileio import atomic_write_bytes
 
 # Metrics where smaller is better; everything else (accuracy...) is maximised.
 MINIMIZED = {"val_loss", "train_loss"}

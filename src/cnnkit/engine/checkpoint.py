@@ -18,7 +18,6 @@ import io
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -26,52 +25,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
 from cnnkit.errors import CnnkitError
+from cnnkit.fileio import atomic_write_bytes, fsync_dir
 
 MODEL_FORMAT = "cnnkit-model/1"
-
-
-def _file_mode() -> int:
-    umask = os.umask(0o022)  # read the umask (set back at once; this runs once, at import)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-_FILE_MODE = _file_mode()
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers only ever see the old or the new content."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; give what open() would have given
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise CnnkitError(
-                f"cannot write {path}: {e.strerror or e}; the previous file is unchanged"
-            ) from e
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems cannot fsync a directory; the rename is still atomic
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(path: str | Path, state: dict, keep_previous: bool = False) -> None:
@@ -103,7 +59,7 @@ def _copy_atomic(src: Path, dst: Path) -> None:
     except OSError:
         shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
-    _fsync_dir(dst.parent)
+    fsync_dir(dst.parent)
 
 
 def check_finite(state_dict: dict, path: Path) -> None:

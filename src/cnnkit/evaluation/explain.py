@@ -17,10 +17,10 @@ from cnnkit.config import RuntimeConfig
 from cnnkit.data.images import load_image
 from cnnkit.data.transforms import eval_transform, image_mode
 from cnnkit.engine import runtime
-from cnnkit.engine.checkpoint import atomic_write_bytes
 from cnnkit.errors import CnnkitError
 from cnnkit.evaluation import plots
 from cnnkit.evaluation.gradcam import METHODS, compute_cams
+from cnnkit.fileio import atomic_write_bytes
 
 
 def explain(

@@ -29,11 +29,11 @@ from torch import nn
 from cnnkit import __version__
 from cnnkit.config import DataConfig, RuntimeConfig
 from cnnkit.engine import runtime
-from cnnkit.engine.checkpoint import atomic_write_bytes
 from cnnkit.errors import CnnkitError
 from cnnkit.evaluation import plots
 from cnnkit.evaluation.gradcam import compute_cams
 from cnnkit.evaluation.metrics import from_logits
+from cnnkit.fileio import atomic_write_bytes
 
 REPORT_FILE = "report.html"
 METRICS_FILE = "metrics.csv"
