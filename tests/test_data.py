@@ -27,6 +27,7 @@ from cnnkit.data import (
 from cnnkit.data.loader import EpochSampler, worker_message
 from cnnkit.data.sources import stratified_split
 from cnnkit.errors import CnnkitError
+from conftest import make_folder
 
 CLASSES = ("cat", "dog", "fox")
 SIZES = ((32, 32), (40, 28), (24, 36))  # (W, H) of the images, mixed on purpose
@@ -393,3 +394,17 @@ def test_given_mean_std_are_used_and_checked(tmp_path):
     assert x[0, 0, 0].item() == pytest.approx((200 / 255 - 0.5) / 0.25, abs=1e-5)
     with pytest.raises(CnnkitError, match="need 3 value"):
         build(DataConfig(source=str(folder), mean=[0.5], std=[0.25]), 0)
+
+
+def test_subsets_keep_their_transform(tmp_path):
+    from cnnkit.data.sources import FileImageDataset, TensorImageDataset
+
+    def tag(x):
+        return ("tagged", x)
+
+    images = torch.zeros(4, 1, 2, 2, dtype=torch.uint8)
+    memory = TensorImageDataset(images, [0, 1, 0, 1], tag).subset([1, 3])
+    assert len(memory) == 2 and memory[0][0][0] == "tagged" and memory.targets == [1, 1]
+    root = make_folder(tmp_path / "imgs", per_class=2)
+    files = FileImageDataset(sorted(root.rglob("*.*")), [0] * 6, transform=tag).subset([0, 5])
+    assert len(files) == 2 and files[1][0][0] == "tagged"

@@ -90,7 +90,8 @@ class TensorImageDataset(Dataset):
 
     def subset(self, indices: Sequence[int]) -> TensorImageDataset:
         index = torch.as_tensor(np.asarray(indices, dtype=np.int64))
-        return TensorImageDataset(self.images[index], [self.targets[i] for i in indices])
+        targets = [self.targets[i] for i in indices]
+        return TensorImageDataset(self.images[index], targets, self.transform)
 
     def with_transform(self, transform, mode: str | None = None) -> TensorImageDataset:
         """Same images (shared memory) with another transform; ``mode`` is for file datasets."""
