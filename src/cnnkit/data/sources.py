@@ -318,8 +318,11 @@ def preflight(
         )
         dataset.decoded, dataset.decoded_geometry = images, geometry
         for i, message in failures:
-            kind = "empty" if dataset.stats[i][0] == 0 else error_kind(message)
-            bad.append(Finding(os.fspath(dataset.paths[i]), kind, message))
+            path = os.fspath(dataset.paths[i])
+            if dataset.stats[i][0] == 0:  # as the doctor says it
+                bad.append(Finding(path, "empty", f"{path} is empty (0 bytes)"))
+            else:
+                bad.append(Finding(path, error_kind(message), message))
     if cfg.check_files and unchecked:
         bad += check_files([p for dataset in unchecked for p in dataset.paths])
     if bad and not cfg.skip_bad:
