@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from cnnkit.data.images import ImageFileError, load_image
+from cnnkit.data.images import ImageFileError, file_stat, load_image
 from cnnkit.data.transforms import INTERPOLATIONS
 from cnnkit.errors import CnnkitError
 from cnnkit.fileio import atomic_write_bytes, fsync_dir  # same durability as run files
@@ -114,18 +114,10 @@ def cache_key(
     h = hashlib.sha256()
     h.update(json.dumps([CACHE_VERSION, mode, geometry], sort_keys=True).encode())
     if stats is None:
-        stats = [_stat(path) for path in paths]
+        stats = [file_stat(path) for path in paths]
     for path, (size, mtime) in zip(paths, stats, strict=True):
         h.update(f"{os.fspath(path)}\0{size}\0{mtime}\n".encode())
     return h.hexdigest()[:32]
-
-
-def _stat(path) -> tuple[int, int]:
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise CnnkitError(f"cannot read {path}: {e.strerror}") from None
-    return st.st_size, st.st_mtime_ns
 
 
 def decoded_images(

@@ -165,6 +165,16 @@ def scan_images(folder: str | os.PathLike) -> list[tuple[str, int, int]]:
     return files
 
 
+def file_stat(path: str | os.PathLike) -> tuple[int, int]:
+    """(size, mtime_ns) of a file, or (-1, -1) when it cannot be stat-ed (as ``scan_images``):
+    decoding it then reports it like any other bad file."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return -1, -1
+    return stat.st_size, stat.st_mtime_ns
+
+
 def _check_pixels(img: Image.Image, path: Path) -> None:
     if img.width * img.height > MAX_PIXELS:
         raise ImageFileError(

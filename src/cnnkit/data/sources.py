@@ -36,6 +36,7 @@ from cnnkit.data.images import (
     GRAY_MODES,
     IMAGE_EXTENSIONS,
     ImageFileError,
+    file_stat,
     image_info,
     list_images,
     load_image,
@@ -147,7 +148,7 @@ class FileImageDataset(Dataset):
     def stats(self) -> list[tuple[int, int]]:
         """(size, mtime_ns) per file; -1, -1 for a file that cannot be stat-ed."""
         if self._stats is None:
-            self._stats = [_stat(path) for path in self.paths]
+            self._stats = [file_stat(path) for path in self.paths]
         return self._stats
 
     def subset(self, indices: Sequence[int]) -> FileImageDataset:
@@ -174,14 +175,6 @@ class FileImageDataset(Dataset):
     def __getitem__(self, index: int):
         image = load_image(self.paths[index], self.mode)
         return (self.transform(image) if self.transform else image), self.targets[index]
-
-
-def _stat(path) -> tuple[int, int]:
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return -1, -1
-    return stat.st_size, stat.st_mtime_ns
 
 
 @dataclass
