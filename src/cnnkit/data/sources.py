@@ -152,22 +152,19 @@ class FileImageDataset(Dataset):
         return self._stats
 
     def subset(self, indices: Sequence[int]) -> FileImageDataset:
-        out = self._copy([self.paths[i] for i in indices], [self.targets[i] for i in indices])
-        out._stats = [self._stats[i] for i in indices] if self._stats is not None else None
+        stats = [self._stats[i] for i in indices] if self._stats is not None else None
+        paths, targets = [self.paths[i] for i in indices], [self.targets[i] for i in indices]
+        out = FileImageDataset(paths, targets, self.mode, self.transform, stats)
         if self.decoded is not None:
             rows = torch.as_tensor(np.asarray(indices, dtype=np.int64))
             out.decoded, out.decoded_geometry = self.decoded[rows], self.decoded_geometry
         return out
 
     def with_transform(self, transform, mode: str | None = None) -> FileImageDataset:
-        out = self._copy(self.paths, self.targets, transform, mode or self.mode)
-        out._stats = self._stats
+        out = FileImageDataset(self.paths, self.targets, mode or self.mode, transform, self._stats)
         if out.mode == self.mode:  # decoded in this mode: still valid
             out.decoded, out.decoded_geometry = self.decoded, self.decoded_geometry
         return out
-
-    def _copy(self, paths, targets, transform=None, mode=None) -> FileImageDataset:
-        return type(self)(paths, targets, mode or self.mode, transform or self.transform)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -291,13 +288,7 @@ def preflight(
         geometry = cache.stored_geometry(plain, name == "train" and aug["random_resized_crop"])
         nbytes = len(dataset) * chans * geometry["size"][0] * geometry["size"][1]
         if cfg.decode_cache == "off" or (budget is not None and nbytes > budget):
-            unchecked.append(dataset)
-            if cfg.decode_cache == "auto":
-                note(
-                    f"note: {len(dataset)} {name} images take {nbytes / 2**30:.1f} GiB decoded, "
-                    "over the decode budget; streaming them from the files (raise "
-                    "data.cache_memory to decode once)"
-                )
+            unchecked.append(dataset)  # streams; run_loader says so when it makes the loader
             continue
         budget = budget - nbytes if budget is not None else None
         images, failures = cache.decode_checked(
