@@ -66,7 +66,10 @@ def test_onnx_metadata_carries_preprocessing(digits_model):
 def test_predict_and_eval_accept_every_format(digits_model, digit_pngs, fmt, capsys):
     export_mod.export(digits_model, fmt)
     files = [str(p) for p, _ in digit_pngs]
-    code, out, err = cli(capsys, "predict", digits_model, *files, "--top-k", "3", "--json")
+    # the exported graphs compute in fp32, so the reference does too (the run may have been bf16)
+    code, out, err = cli(
+        capsys, "predict", digits_model, *files, "--top-k", "3", "--json", "--precision", "fp32"
+    )
     assert code == 0, err
     reference = json.loads(out)
     exported_path = digits_model.parent / SUFFIX[fmt]
@@ -85,7 +88,7 @@ def test_predict_and_eval_accept_every_format(digits_model, digit_pngs, fmt, cap
 
     code, out, err = cli(capsys, "eval", exported_path, "--json")  # the run's own test split
     assert code == 0, err
-    code2, out2, err2 = cli(capsys, "eval", digits_model.parent, "--json")
+    code2, out2, err2 = cli(capsys, "eval", digits_model.parent, "--json", "--precision", "fp32")
     assert json.loads(out)["split"] == "test" and json.loads(out)["images"] == 359
     tolerance = 0.01 if fmt == "int8" else 1e-9
     assert json.loads(out)["acc"] == pytest.approx(json.loads(out2)["acc"], abs=tolerance)

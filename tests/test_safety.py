@@ -19,7 +19,7 @@ from cnnkit import data
 from cnnkit.api import resolve_config
 from cnnkit.cli.main import run
 from cnnkit.data.sources import FileImageDataset
-from cnnkit.engine import checkpoint
+from cnnkit.engine import checkpoint, runtime
 from cnnkit.engine.checkpoint import (
     load_checkpoint,
     load_latest,
@@ -246,10 +246,11 @@ def _poisoned_run(tmp_path, policy: str):
     model = cnnkit.create_model("simple_cnn", num_classes=3, in_chans=3)
     meta = {"arch": "simple_cnn"}
     run_dir = tmp_path / "run"
-    fit(model, splits, cfg, run_dir, meta, stop_after=1)
+    rt = runtime.resolve(cfg.runtime)
+    fit(model, splits, cfg, run_dir, meta, rt, stop_after=1)
     _Poisoned.poison = True  # the tests set it back
     state = load_checkpoint(run_dir / "checkpoints/last.pt")
-    return run_dir, lambda: fit(model, splits, cfg, run_dir, meta, resume=state)
+    return run_dir, lambda: fit(model, splits, cfg, run_dir, meta, rt, resume=state)
 
 
 def test_nan_batch_stops_naming_step_and_files(tmp_path):

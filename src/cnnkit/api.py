@@ -6,6 +6,7 @@ folder. The others read a model file (or a run folder holding one) and nothing e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -20,7 +21,6 @@ from cnnkit import __version__, data, models, recipes
 from cnnkit.config import (
     Config,
     DataConfig,
-    RuntimeConfig,
     from_dict,
     load,
     parse_override,
@@ -89,22 +89,32 @@ def train(
     restarted = _torchrun_restart(cfg)
     if restarted is not None:
         return _resume(restarted, stop_after, [], False, allow_world_change)
+    rt = run_runtime(cfg)
     runtime.seed_everything(cfg.train.seed)
     splits = _build_data(cfg)
     recipes.check_data(cfg, splits)
     model = _build_model(cfg, splits)
     splits = _match_pretrained_normalisation(cfg, splits, model)
     if cfg.data.batch_size == "auto":
-        rt = runtime.resolve(cfg.runtime, cfg.train.deterministic)
         shape = (splits.in_chans, *splits.input_size)
         size = auto_batch_size(model, rt, shape, len(splits.classes), len(splits.train))
         cfg.data.batch_size = distributed.broadcast(size)  # every process steps alike
-    _resolve_auto_lr(cfg, splits, model)  # after the batch size: the sweep uses it
+    _resolve_auto_lr(cfg, splits, model, rt)  # after the batch size: the sweep uses it
     cfg.optim.lr = distributed.broadcast(cfg.optim.lr)  # rank 0's sweep decides for all
     run_dir = _shared_run_dir(cfg, splits.name, dd)
     return _fit_in(
-        run_dir, model, splits, cfg, resume_state=None, stop_after=stop_after, created=True
+        run_dir, model, splits, cfg, rt, resume_state=None, stop_after=stop_after, created=True
     )
+
+
+def run_runtime(cfg: Config) -> runtime.Runtime:
+    """The one runtime of a run, resolved once per process (under torchrun each process takes
+    its own GPU) and passed to the lr finder, fit, the final score and the report."""
+    rt = runtime.resolve(cfg.runtime, cfg.train.deterministic)
+    dd = distributed.current()
+    if dd.enabled and rt.device.type == "cuda":
+        rt = dataclasses.replace(rt, device=torch.device("cuda", dd.local_rank))
+    return rt
 
 
 SHORTCUTS = {  # option name -> config key, for train(...) keywords and CLI flags
@@ -261,6 +271,7 @@ def _resume(
         model,
         splits,
         cfg,
+        run_runtime(cfg),
         resume_state=state,
         stop_after=stop_after,
         created=False,
@@ -284,6 +295,7 @@ def _fit_in(
     model: nn.Module,
     splits,
     cfg: Config,
+    rt: runtime.Runtime,
     *,
     resume_state,
     stop_after,
@@ -301,7 +313,8 @@ def _fit_in(
             splits,
             cfg,
             run_dir,
-            model_meta(cfg, splits),
+            model_meta(cfg, splits, rt.precision),
+            rt,
             resume=resume_state,
             stop_after=stop_after,
             allow_world_change=allow_world_change,
@@ -315,10 +328,10 @@ def _fit_in(
             print(f"\ninterrupted; continue with: cnnkit train --resume {run_dir}")
         raise
     start = time.perf_counter()
-    test, split_name = _final_eval(run_dir, splits, cfg) if main else (None, None)
+    test, split_name = _final_eval(run_dir, splits, cfg, rt) if main else (None, None)
     result.timings["final_eval"] = time.perf_counter() - start
     if cfg.train.report and main:
-        _report_after_training(run_dir, splits, split_name, cfg)
+        _report_after_training(run_dir, splits, split_name, cfg, rt)
     distributed.barrier()
     return TrainResult(run_dir=run_dir, fit=result, test=test, test_split=split_name)
 
@@ -330,20 +343,22 @@ def _list_skipped(run_dir: Path, skipped: list) -> None:
     print(f"note: left out {len(skipped)} bad image file(s); listed in {run_dir / SKIPPED_FILE}")
 
 
-def _final_eval(run_dir: Path, splits, cfg: Config) -> tuple[dict | None, str | None]:
+def _final_eval(
+    run_dir: Path, splits, cfg: Config, rt: runtime.Runtime
+) -> tuple[dict | None, str | None]:
     """Score the saved best weights on the test split (val when there is none); saved as JSON."""
     dataset, name = (splits.test, "test") if splits.test is not None else (splits.val, "val")
     if dataset is None:
         return None, None
-    model = load_model(run_dir / MODEL_FILE, device=cfg.runtime.device)
-    metrics = _score(
-        model, dataset, cfg.data.batch_size, cfg.runtime.device, cfg.data, cfg.train.tta
-    )
+    model = load_model(run_dir / MODEL_FILE, device=str(rt.device))
+    metrics = _score(model, dataset, cfg.data.batch_size, rt, cfg.data, cfg.train.tta)
     atomic_write_bytes(run_dir / f"{name}_metrics.json", json.dumps(metrics, indent=2).encode())
     return metrics, name
 
 
-def _report_after_training(run_dir: Path, splits, split: str | None, cfg: Config) -> None:
+def _report_after_training(
+    run_dir: Path, splits, split: str | None, cfg: Config, rt: runtime.Runtime
+) -> None:
     """report.html and its figures; a failure here must not cost the user the trained run."""
     if split is None:
         print("note: no test or validation split to report on; no report.html written")
@@ -352,18 +367,17 @@ def _report_after_training(run_dir: Path, splits, split: str | None, cfg: Config
 
     dataset = splits.test if split == "test" else splits.val
     try:
-        model = load_model(run_dir / MODEL_FILE, device=cfg.runtime.device)
+        model = load_model(run_dir / MODEL_FILE, device=str(rt.device))
         path = write_report(
-            run_dir, model, dataset, split, device=cfg.runtime.device,
-            batch_size=cfg.data.batch_size, data_cfg=cfg.data,
-        )  # fmt: skip
+            run_dir, model, dataset, split, rt, batch_size=cfg.data.batch_size, data_cfg=cfg.data
+        )
     except Exception as e:  # noqa: BLE001 - the model is saved; say how to retry
         print(f"note: report not written ({type(e).__name__}: {e}); retry: cnnkit report {run_dir}")
         return
     print(f"report: {path}")
 
 
-def _resolve_auto_lr(cfg: Config, splits, model: nn.Module) -> None:
+def _resolve_auto_lr(cfg: Config, splits, model: nn.Module, rt: runtime.Runtime) -> None:
     """``optim.lr: auto``: run the lr finder on a copy of the model and train with its
     suggestion; the config saved with the run holds the number, so a resume reuses it."""
     lr = cfg.optim.lr
@@ -373,7 +387,7 @@ def _resolve_auto_lr(cfg: Config, splits, model: nn.Module) -> None:
         raise CnnkitError(f"optim.lr must be a number or 'auto', got '{lr}'")
     from cnnkit.evaluation.lr_finder import lr_find_for_config
 
-    found = lr_find_for_config(model, splits, cfg)
+    found = lr_find_for_config(model, splits, cfg, rt)
     if found.suggestion is None:
         raise CnnkitError(
             f"lr finder found no lr where the loss falls ({found.stopped}); set --lr yourself"
@@ -464,8 +478,9 @@ def read_weights(path: str | Path) -> dict:
     return state
 
 
-def model_meta(cfg: Config, splits) -> dict:
-    """What the model file must carry to be used without the training data or config."""
+def model_meta(cfg: Config, splits, precision: str) -> dict:
+    """What the model file must carry to be used without the training data or config;
+    ``precision`` is the run's (fp32 | bf16 | fp16), the default for scoring and predicting."""
     return {
         "arch": cfg.model.name,
         "kwargs": cfg.model.kwargs,
@@ -478,6 +493,7 @@ def model_meta(cfg: Config, splits) -> dict:
         "preprocessing": splits.preprocessing,
         "dataset": splits.name,
         "fingerprint": splits.fingerprint,
+        "precision": precision,
         "cnnkit_version": __version__,
     }
 
@@ -567,15 +583,18 @@ def evaluate(
     batch_size: int = 256,
     device: str = "auto",
     num_workers: int | None = None,
+    precision: str | None = None,
 ) -> dict:
     """Loss, top-1/top-5, per-class precision/recall/F1 and the confusion matrix.
 
     Without ``data_source`` the run's own test split is used (its validation split when it has
-    no test split); that needs a run folder, not a bare model file.
+    no test split); that needs a run folder, not a bare model file. ``precision``: fp32, bf16,
+    fp16 or auto; default: the precision the run trained with.
     """
     model = load_model(run_or_model, device=device)
+    rt = runtime.for_model(model.meta, device, precision)
     dataset, split = _eval_dataset(run_or_model, model, data_source)
-    metrics = _score(model, dataset, batch_size, device, DataConfig(num_workers=num_workers))
+    metrics = _score(model, dataset, batch_size, rt, DataConfig(num_workers=num_workers))
     metrics["split"] = split
     return metrics
 
@@ -588,20 +607,22 @@ def report(
     batch_size: int = 256,
     device: str = "auto",
     num_workers: int | None = None,
+    precision: str | None = None,
 ) -> Path:
     """(Re)build a run's ``report.html`` and PNG figures; returns the HTML's path.
 
     Scored on ``data_source`` when given, else on the run's own test (else val) split; written
-    to ``out_dir`` (default: the run folder).
+    to ``out_dir`` (default: the run folder); ``precision`` as for ``evaluate``.
     """
     from cnnkit.evaluation.report import check_run, write_report
 
     run_dir = Path(run_dir)
     check_run(run_dir)
     model = load_model(run_dir, device=device)
+    rt = runtime.for_model(model.meta, device, precision)
     dataset, split = _eval_dataset(run_dir, model, data_source)
     return write_report(
-        run_dir, model, dataset, split, out_dir=out_dir, device=device,
+        run_dir, model, dataset, split, rt, out_dir=out_dir,
         batch_size=batch_size, data_cfg=DataConfig(num_workers=num_workers),
     )  # fmt: skip
 
@@ -634,11 +655,10 @@ def _score(
     model: nn.Module,
     dataset,
     batch_size: int,
-    device: str,
+    rt: runtime.Runtime,
     data_cfg: DataConfig,
     tta: str = "none",
 ) -> dict:
-    rt = runtime.resolve(RuntimeConfig(device=device))
     model = model.to(rt.device, memory_format=rt.memory_format)
     loader = run_loader(
         dataset,
@@ -654,6 +674,7 @@ def _score(
     classes = model.meta["classes"]
     raw = evaluate_loader(with_tta(model, tta), loader, rt, len(classes))
     metrics = summarize(raw, classes)
+    metrics["precision"] = rt.precision
     if tta != "none":
         metrics["tta"] = tta
     return metrics
@@ -672,11 +693,12 @@ def lr_find(
     from cnnkit.evaluation.lr_finder import lr_find_for_config
 
     cfg = resolve_config(data_source, config, overrides, **options)
+    rt = runtime.resolve(cfg.runtime, cfg.train.deterministic)
     runtime.seed_everything(cfg.train.seed)
     splits = data.build(cfg.data, seed=cfg.train.seed)
     model = _build_model(cfg, splits)
     splits = _match_pretrained_normalisation(cfg, splits, model)
-    return lr_find_for_config(model, splits, cfg, steps=steps)
+    return lr_find_for_config(model, splits, cfg, rt, steps=steps)
 
 
 def predict(
@@ -686,9 +708,12 @@ def predict(
     top_k: int = 5,
     batch_size: int = 64,
     device: str = "auto",
+    precision: str | None = None,
 ) -> list[dict]:
-    """Top-k classes for image files, folders or glob patterns (or PIL images)."""
+    """Top-k classes for image files, folders or glob patterns (or PIL images); ``precision``
+    as for ``evaluate``."""
     from cnnkit.deploy.predictor import Predictor
 
     model = run_or_model if isinstance(run_or_model, nn.Module) else load_model(run_or_model)
-    return Predictor(model, device=device).predict(inputs, top_k=top_k, batch_size=batch_size)
+    predictor = Predictor(model, device=device, precision=precision)
+    return predictor.predict(inputs, top_k=top_k, batch_size=batch_size)

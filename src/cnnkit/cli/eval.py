@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from cnnkit.cli.train import DEBUG
+from cnnkit.cli.train import DEBUG, MODEL_PRECISION
 
 MAX_CONFUSION_CLASSES = 20  # wider matrices do not fit a terminal; --json has them all
 
@@ -26,13 +26,19 @@ def eval_(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     num_workers: Annotated[int | None, typer.Option(help="DataLoader workers.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+    precision: Annotated[str | None, MODEL_PRECISION] = None,
     debug: Annotated[bool, DEBUG] = False,
 ) -> None:
     """Loss, top-1/top-5, per-class precision/recall/F1 and the confusion matrix."""
     from cnnkit.api import evaluate
 
     metrics = evaluate(
-        run_or_model, data, batch_size=batch_size, device=device, num_workers=num_workers
+        run_or_model,
+        data,
+        batch_size=batch_size,
+        device=device,
+        num_workers=num_workers,
+        precision=precision,
     )
     if as_json:
         print(json.dumps(metrics, indent=2))

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cnnkit.cli.train import DEBUG
+from cnnkit.cli.train import DEBUG, MODEL_PRECISION
 
 
 def explain(
@@ -21,13 +21,21 @@ def explain(
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    precision: Annotated[str | None, MODEL_PRECISION] = None,
     debug: Annotated[bool, DEBUG] = False,
 ) -> None:
     """Where in each image the model found the evidence for its class."""
     from cnnkit.evaluation.explain import explain as api_explain
 
     results = api_explain(
-        model, inputs, out, method=method, target=target, device=device, batch_size=batch_size
+        model,
+        inputs,
+        out,
+        method=method,
+        target=target,
+        device=device,
+        batch_size=batch_size,
+        precision=precision,
     )
     for r in results:
         print(f"{r['input']}: {r['class']} ({r['prob']:.3f}) -> {r['overlay']}")

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from cnnkit.cli.train import DEBUG
+from cnnkit.cli.train import DEBUG, MODEL_PRECISION
 
 
 def predict(
@@ -23,6 +23,7 @@ def predict(
     as_csv: Annotated[
         bool, typer.Option("--csv", help="Print CSV (input,rank,class,prob).")
     ] = False,
+    precision: Annotated[str | None, MODEL_PRECISION] = None,
     debug: Annotated[bool, DEBUG] = False,
 ) -> None:
     """Classify images with a trained model, using the preprocessing stored in its file."""
@@ -30,7 +31,9 @@ def predict(
 
     if top_k < 1:
         raise typer.BadParameter(f"must be at least 1, got {top_k}", param_hint="--top-k")
-    results = api_predict(model, inputs, top_k=top_k, batch_size=batch_size, device=device)
+    results = api_predict(
+        model, inputs, top_k=top_k, batch_size=batch_size, device=device, precision=precision
+    )
     if as_json:
         print(json.dumps(results, indent=2))
     elif as_csv:

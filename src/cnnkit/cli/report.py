@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cnnkit.cli.train import DEBUG
+from cnnkit.cli.train import DEBUG, MODEL_PRECISION
 
 
 def report(
@@ -28,12 +28,19 @@ def report(
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 256,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     num_workers: Annotated[int | None, typer.Option(help="DataLoader workers.")] = None,
+    precision: Annotated[str | None, MODEL_PRECISION] = None,
     debug: Annotated[bool, DEBUG] = False,
 ) -> None:
     """Per-class metrics, confusion matrix, calibration, worst mistakes, Grad-CAM, model and run."""
     from cnnkit.api import report as api_report
 
     path = api_report(
-        run, data, out_dir=out, batch_size=batch_size, device=device, num_workers=num_workers
+        run,
+        data,
+        out_dir=out,
+        batch_size=batch_size,
+        device=device,
+        num_workers=num_workers,
+        precision=precision,
     )
     print(f"report: {path}")

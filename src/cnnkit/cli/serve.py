@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from cnnkit.cli.train import DEBUG
+from cnnkit.cli.train import DEBUG, MODEL_PRECISION
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -28,6 +28,7 @@ def serve(
         str | None,
         typer.Option(help="Environment variable holding a bearer token to require."),
     ] = None,
+    precision: Annotated[str | None, MODEL_PRECISION] = None,
     debug: Annotated[bool, DEBUG] = False,
 ) -> None:
     """Serve POST /predict, GET /health, GET /metadata and a page at /."""
@@ -61,4 +62,4 @@ def serve(
     if host not in LOOPBACK and token is None:
         print(f"warning: serving on {host} without a token; anyone who can reach it can use it")
     print(f"serving {model} on http://{host}:{port}/  (Ctrl-C stops)", flush=True)
-    run_server(loaded, cfg, host=host, port=port)
+    run_server(loaded, cfg, host=host, port=port, precision=precision)

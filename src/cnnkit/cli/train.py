@@ -8,6 +8,12 @@ from typing import Annotated
 import typer
 
 DEBUG = typer.Option("--debug", help="Show the full traceback on errors.")
+# the verbs that use a trained model score and predict at the precision the run trained with
+MODEL_PRECISION = typer.Option(
+    "--precision",
+    help="fp32, bf16, fp16 or auto; default: the precision the run trained with.",
+    show_default=False,
+)
 
 
 def train(

@@ -125,6 +125,9 @@ def export(
     model = load_model(source, device="cpu")
     if not hasattr(model, "default_cfg"):
         raise CnnkitError(f"{source} is already exported; export from the .safetensors file")
+    # the graph is traced from the fp32 model and runs in fp32 (int8: fp32 in and out), whatever
+    # precision the run trained in; its file says so, and predict/eval use that
+    model.meta = {**model.meta, "precision": "fp32"}
     target = Path(out) if out is not None else _default_target(source, fmt)
     if target.suffix.lower() != SUFFIXES[fmt][-len(target.suffix) :].lower():
         raise CnnkitError(f"--out {target}: a {fmt} file must end in {SUFFIXES[fmt]}")

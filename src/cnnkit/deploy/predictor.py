@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 from torch import nn
 
-from cnnkit.config import RuntimeConfig
 from cnnkit.data import load_image
 from cnnkit.data.images import list_images
 from cnnkit.data.transforms import eval_transform
@@ -59,14 +58,14 @@ class Predictor:
     ``probabilities`` per micro-batch, ``top``); ``predict`` chains them for files.
     """
 
-    def __init__(self, model: nn.Module, device: str = "auto"):
+    def __init__(self, model: nn.Module, device: str = "auto", precision: str | None = None):
         meta = getattr(model, "meta", None)
         if meta is None:
             raise CnnkitError(
                 "Predictor needs a model from cnnkit.load_model (it carries "
                 "the classes and preprocessing)"
             )
-        self.rt = runtime.resolve(RuntimeConfig(device=device))
+        self.rt = runtime.for_model(meta, device, precision)  # default: the run's precision
         self.model = model.to(self.rt.device, memory_format=self.rt.memory_format).eval()
         self.meta = meta
         self.classes = meta["classes"]

@@ -227,9 +227,16 @@ class _Server:
             await form.close()  # spooled temp files: no file handle outlives the request
 
 
-def serve(model, cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Load ``model`` (a ``cnnkit.load_model`` result) once and serve it until interrupted."""
+def serve(
+    model,
+    cfg: ServeConfig,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    precision: str | None = None,
+) -> None:
+    """Load ``model`` (a ``cnnkit.load_model`` result) once and serve it until interrupted;
+    ``precision``: default, the precision the run trained with."""
     import uvicorn
 
-    app = create_app(Predictor(model, device="cpu"), cfg)
+    app = create_app(Predictor(model, device="cpu", precision=precision), cfg)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

@@ -13,7 +13,6 @@ non-finite loss stops the run naming the step and the batch's files (or is skipp
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +71,7 @@ def fit(
     cfg: Config,
     run_dir: Path,
     model_meta: dict,
+    rt: runtime.Runtime,
     *,
     resume: dict | None = None,
     stop_after: int | None = None,
@@ -79,7 +79,8 @@ def fit(
 ) -> FitResult:
     """Train ``model`` on ``splits`` as ``cfg`` says, writing everything into ``run_dir``.
 
-    ``model_meta`` is stored in the model file (architecture, classes, preprocessing).
+    ``model_meta`` is stored in the model file (architecture, classes, preprocessing). ``rt`` is
+    the run's one resolved runtime (device, precision, layout, compile; ``runtime.resolve``).
     ``resume`` is a checkpoint dict to continue from; ``stop_after`` ends this call after that
     many epochs (the run can be resumed later), for time-boxed jobs. In a distributed run
     (see ``cnnkit.engine.distributed``) every process calls this; only rank 0 writes.
@@ -89,9 +90,6 @@ def fit(
     _check_choice("train.balance", tc.balance, BALANCE)
     _check_choice("train.nan_policy", tc.nan_policy, NAN_POLICIES)
     dd = distributed.current()
-    rt = runtime.resolve(cfg.runtime, tc.deterministic)
-    if dd.enabled and rt.device.type == "cuda":
-        rt = dataclasses.replace(rt, device=torch.device("cuda", dd.local_rank))
     model = model.to(rt.device, memory_format=rt.memory_format)
     num_classes = len(splits.classes)
     balance, counts, imbalanced = _balance(tc.balance, splits.train.targets, num_classes)

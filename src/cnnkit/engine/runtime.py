@@ -25,12 +25,19 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_MODES = ("auto", "on", "off")
 
 
-@dataclass
+NATIVE_BF16_ENV = "CNNKIT_NATIVE_BF16"  # "1"/"0": force the CPU bf16 answer (tests, odd CPUs)
+
+
+@dataclass(frozen=True)
 class Runtime:
+    """The hardware choices of one run, resolved once and passed to everything that computes."""
+
     device: torch.device
     precision: str  # fp32 | bf16 | fp16
     channels_last: bool
     compile: bool = False  # train through torch.compile
+    threads: int = 1  # torch intra-op threads (CPU)
+    deterministic: bool = False
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -63,20 +70,34 @@ class Runtime:
 
 def resolve(cfg: RuntimeConfig, deterministic: bool = False) -> Runtime:
     """Pick device, precision, layout, threads and compilation from the config (``auto`` = best
-    for this machine)."""
+    for this machine) and set torch's global state (threads, determinism) to match.
+
+    Call it once per process and command, and pass the ``Runtime`` on: a second call would
+    reset the global state and could choose differently."""
     if cfg.threads is not None and cfg.threads < 1:
         raise CnnkitError(f"runtime.threads must be >= 1 or null, got {cfg.threads}")
-    torch.set_num_threads(cfg.threads or auto_threads())
     device = resolve_device(cfg.device)
-    precision = _precision(cfg.precision, device)
-    channels_last = _channels_last(cfg.channels_last, device)
-    set_deterministic(deterministic)
-    return Runtime(
+    rt = Runtime(
         device=device,
-        precision=precision,
-        channels_last=channels_last,
+        precision=_precision(cfg.precision, device),
+        channels_last=_channels_last(cfg.channels_last, device),
         compile=_compile(cfg.compile, device),
+        threads=cfg.threads or auto_threads(),
+        deterministic=deterministic,
     )
+    torch.set_num_threads(rt.threads)
+    set_deterministic(deterministic)
+    return rt
+
+
+def for_model(meta: dict, device: str = "auto", precision: str | None = None) -> Runtime:
+    """The runtime for scoring or predicting with a saved model: ``precision`` when given, else
+    the precision the run trained with (its metadata), when this device can run it."""
+    if precision is None:
+        precision = meta.get("precision") or "auto"  # files from before 0.1.1 record none
+        if precision == "fp16" and resolve_device(device).type != "cuda":
+            precision = "auto"  # fp16 is a GPU format; score a GPU run's model as auto here
+    return resolve(RuntimeConfig(device=device, precision=precision))
 
 
 def auto_threads() -> int:
@@ -165,10 +186,22 @@ def _channels_last(mode: str, device: torch.device) -> bool:
     return device.type in ("cuda", "cpu")
 
 
-@functools.cache
 def cpu_has_native_bf16() -> bool:
     """True when the CPU does bf16 math in hardware (AVX512-BF16 or AMX); emulated bf16 is slower
-    than fp32, so autocast is only worth it with native support."""
+    than fp32, so autocast is only worth it with native support.
+
+    ``CNNKIT_NATIVE_BF16=1`` (or ``0``) forces the answer, so both branches of ``precision:
+    auto`` can be run on any CPU (bf16 is then emulated, correct but slow)."""
+    forced = os.environ.get(NATIVE_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced:
+        raise CnnkitError(f"{NATIVE_BF16_ENV} must be 0 or 1, got '{forced}'")
+    return _cpu_flags_bf16()
+
+
+@functools.cache
+def _cpu_flags_bf16() -> bool:
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
         flags = cpuinfo.read_text(errors="ignore")

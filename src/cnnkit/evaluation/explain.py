@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from cnnkit.config import RuntimeConfig
 from cnnkit.data.images import load_image
 from cnnkit.data.transforms import eval_transform, image_mode
 from cnnkit.engine import runtime
@@ -32,19 +31,22 @@ def explain(
     target: str | None = None,
     device: str = "auto",
     batch_size: int = 32,
+    precision: str | None = None,
 ) -> list[dict]:
     """Write one overlay PNG per input image into ``out_dir``; return, per image, the input,
     the explained class and its probability, and the overlay's path.
 
     ``target``: a class name to explain for every image (default: each image's prediction).
+    ``precision``: default, the precision the run trained with.
     """
     from cnnkit.api import load_model
     from cnnkit.deploy.predictor import expand_inputs
 
     if method not in METHODS:
         raise CnnkitError(f"unknown CAM method '{method}'; choose from {', '.join(METHODS)}")
-    rt = runtime.resolve(RuntimeConfig(device=device))
-    model = load_model(run_or_model, device=device).to(memory_format=rt.memory_format)
+    model = load_model(run_or_model, device=device)
+    rt = runtime.for_model(model.meta, device, precision)
+    model = model.to(memory_format=rt.memory_format)
     classes, pre = model.meta["classes"], model.meta["preprocessing"]
     target_index = _class_index(target, classes)
     items = [str(item) for item in expand_inputs(inputs)]

@@ -170,14 +170,13 @@ def suggest(lrs: list[float], smoothed: list[float]) -> float | None:
     return float(lrs[start + int(np.argmin(slope))])
 
 
-def lr_find_for_config(model: nn.Module, splits, cfg, steps: int = STEPS) -> LrFindResult:
+def lr_find_for_config(model: nn.Module, splits, cfg, rt, steps: int = STEPS) -> LrFindResult:
     """The sweep a run of ``cfg`` would see: its training split with its augmentation, batch
-    size, optimizer (momentum, weight decay), label smoothing, device and precision."""
+    size, optimizer (momentum, weight decay), label smoothing, and the run's runtime ``rt``
+    (device and precision)."""
     from cnnkit.data.memory import run_loader
-    from cnnkit.engine import runtime
     from cnnkit.engine.optim import create_optimizer
 
-    rt = runtime.resolve(cfg.runtime)
     loader = run_loader(
         splits.train,
         splits.preprocessing,

@@ -27,7 +27,7 @@ import yaml
 from torch import nn
 
 from cnnkit import __version__
-from cnnkit.config import DataConfig, RuntimeConfig
+from cnnkit.config import DataConfig
 from cnnkit.engine import runtime
 from cnnkit.errors import CnnkitError
 from cnnkit.evaluation import plots
@@ -90,14 +90,15 @@ def write_report(
     model: nn.Module,
     dataset,
     split: str,
+    rt: runtime.Runtime,
     *,
     out_dir: str | Path | None = None,
-    device: str = "auto",
     batch_size: int = 256,
     data_cfg: DataConfig | None = None,
 ) -> Path:
     """Score ``model`` (from ``cnnkit.load_model``) on ``dataset`` and write the report of the
     run in ``run_dir`` into ``out_dir`` (default: the run folder); returns the HTML's path.
+    ``rt``: the runtime to score with (the training run's, or ``runtime.for_model``).
 
     ``data_cfg``: loader settings (workers, decode cache); default ``DataConfig()``.
     """
@@ -108,7 +109,6 @@ def write_report(
     history = read_history(run_dir / METRICS_FILE)
     if getattr(model, "meta", None) is None:
         raise CnnkitError("write_report needs a model from cnnkit.load_model (it carries .meta)")
-    rt = runtime.resolve(RuntimeConfig(device=device))
     model = model.to(rt.device, memory_format=rt.memory_format).eval()
     logits, labels = collect_logits(model, dataset, rt, batch_size, data_cfg or DataConfig())
     meta = model.meta
