@@ -27,7 +27,7 @@ import torch
 import cnnkit
 from cnnkit.data.transforms import make_preprocessing
 from cnnkit.deploy.bench import bench
-from cnnkit.engine.checkpoint import save_model_file
+from cnnkit.modelfile import save_model_file
 
 MODELS = {"resnet20": 32, "resnet18": 224}
 

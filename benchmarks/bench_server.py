@@ -110,7 +110,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or random_resnet20(Path(tmp))
-        from cnnkit.api import load_model
+        from cnnkit.deploy.formats import load_model
 
         side = load_model(model).meta["input_size"][0]
         bodies = images(side)

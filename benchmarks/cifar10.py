@@ -29,7 +29,7 @@ import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
 import cnnkit
-from cnnkit.api import resolve_config
+from cnnkit.config import resolve as resolve_config
 from cnnkit.engine.runtime import cpu_has_native_bf16
 
 

@@ -186,7 +186,7 @@ def test_corrupt_image_met_during_training_is_named(tmp_path, image_folder, caps
 
 def test_model_file_class_count_mismatch(tmp_path, capsys):
     import cnnkit
-    from cnnkit.engine.checkpoint import load_model_file, save_model_file
+    from cnnkit.modelfile import load_model_file, save_model_file
 
     result = cnnkit.train(epochs=1, out_dir=str(tmp_path), progress="plain")
     state, meta = load_model_file(result.run_dir / "model.safetensors")

@@ -67,3 +67,59 @@ def test_missing_config_file(tmp_path):
 
 def test_parse_override_reads_yaml_values():
     assert parse_override("optim.betas=[0.9, 0.95]") == {"optim": {"betas": [0.9, 0.95]}}
+
+
+LITERAL_CASES = [  # (section.key, a wrong value, the suggestion expected)
+    ("runtime.precision", "bf61", "bf16"),
+    ("runtime.compile", "onn", "on"),
+    ("runtime.channels_last", "of", "off"),
+    ("optim.name", "adam", "adamw"),
+    ("optim.scheduler", "cosin", "cosine"),
+    ("train.tta", "flip_translat", "flip_translate"),
+    ("train.monitor", "val_accuracy", "val_acc"),
+    ("train.balance", "sampl", "sampler"),
+    ("train.nan_policy", "skipp", "skip"),
+    ("train.progress", "plan", "plain"),
+    ("train.recipe", "speedrn", "speedrun"),
+    ("data.decode_cache", "of", "off"),
+    ("data.pad_mode", "reflec", "reflect"),
+    ("data.auto_augment", "trivia", "trivial"),
+    ("data.hflip", "alternat", "alternate"),
+    ("data.batch_size", "autoo", "auto"),
+    ("optim.lr", "aut", "auto"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "suggestion"), LITERAL_CASES)
+def test_choices_are_refused_when_the_config_loads(key, value, suggestion):
+    with pytest.raises(CnnkitError, match=f"'{key}'.*Did you mean '{suggestion}'"):
+        load(None, [f"{key}={value}"])
+    section, name = key.split(".")
+    assert getattr(getattr(load(None, [f"{key}={suggestion}"]), section), name) == suggestion
+
+
+def test_numbers_and_words_share_a_key():
+    cfg = load(None, ["data.batch_size=64", "data.hflip=0.25", "optim.lr=5e-4"])
+    assert (cfg.data.batch_size, cfg.data.hflip, cfg.optim.lr) == (64, 0.25, 5e-4)
+    with pytest.raises(CnnkitError, match="'data.batch_size' expects int or 'auto', got 'big'"):
+        load(None, ["data.batch_size=big"])
+    with pytest.raises(CnnkitError, match="data.batch_size must be >= 1"):
+        load(None, ["data.batch_size=0"])
+
+
+def test_every_choice_has_an_implementation():
+    """The config's Literal choices and the tables that implement them name the same things."""
+    import typing
+
+    from cnnkit.config import OptimConfig, RuntimeConfig, TrainConfig
+    from cnnkit.engine.optim import OPTIMIZERS, SCHEDULERS
+    from cnnkit.engine.runtime import PRECISIONS
+    from cnnkit.evaluation.tta import TTA_MODES
+
+    def choices(cls, key):
+        return set(typing.get_args(typing.get_type_hints(cls)[key]))
+
+    assert choices(OptimConfig, "name") == set(OPTIMIZERS)
+    assert choices(OptimConfig, "scheduler") == set(SCHEDULERS)
+    assert choices(TrainConfig, "tta") == set(TTA_MODES)
+    assert choices(RuntimeConfig, "precision") == {"auto", *PRECISIONS}

@@ -10,8 +10,8 @@ from PIL import Image
 
 from cnnkit import create_model, list_models
 from cnnkit.cli.main import run as cli
-from cnnkit.engine.checkpoint import save_model_file
 from cnnkit.evaluation.gradcam import METHODS, compute_cams
+from cnnkit.modelfile import save_model_file
 
 SIZE, PATCH = 32, 12
 CORNERS = [(3, 3), (17, 17), (3, 17), (17, 3)]  # top-left of the patch that marks each class

@@ -14,8 +14,8 @@ import cnnkit
 from cnnkit.cli.main import run
 from cnnkit.config import RuntimeConfig
 from cnnkit.engine import runtime
-from cnnkit.engine.checkpoint import load_model_file
 from cnnkit.errors import CnnkitError
+from cnnkit.modelfile import load_model_file
 
 # bf16 keeps 8 significant bits (7 stored + the implicit one): rounding to it is off by at most
 # 2**-8 of the value (unit roundoff u, round to nearest).
@@ -140,7 +140,7 @@ def test_cli_verbs_take_precision(tmp_path, monkeypatch, capsys, digit_pngs):
     assert probs["fp32"] != probs["bf16"]  # the flag reached the model
     assert probs["fp32"] == pytest.approx(probs["bf16"], abs=0.05)
     assert run(["predict", str(result.run_dir), files[0], "--precision", "fp8"]) == 2
-    assert "unknown precision 'fp8'" in capsys.readouterr().err
+    assert "'runtime.precision' is 'fp8'" in capsys.readouterr().err
 
 
 def test_model_runtime_follows_the_file_where_the_device_allows():

@@ -16,19 +16,14 @@ import torch
 
 import cnnkit
 from cnnkit import data
-from cnnkit.api import resolve_config
 from cnnkit.cli.main import run
+from cnnkit.config import resolve as resolve_config
 from cnnkit.data.sources import FileImageDataset
 from cnnkit.engine import checkpoint, runtime
-from cnnkit.engine.checkpoint import (
-    load_checkpoint,
-    load_latest,
-    load_model_file,
-    save_checkpoint,
-    save_model_file,
-)
+from cnnkit.engine.checkpoint import load_checkpoint, load_latest, save_checkpoint
 from cnnkit.engine.fit import fit
 from cnnkit.errors import CnnkitError
+from cnnkit.modelfile import load_model_file, save_model_file
 from conftest import make_folder
 
 SRC = str(Path(cnnkit.__file__).resolve().parents[1])

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import cnnkit
-from cnnkit.api import resolve_config
 from cnnkit.config import Config, OptimConfig, TrainConfig
+from cnnkit.config import resolve as resolve_config
 from cnnkit.engine.callbacks import Lookahead, weight_averager
 from cnnkit.engine.checkpoint import load_checkpoint
 from cnnkit.engine.optim import create_optimizer, create_scheduler

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import cnnkit
-from cnnkit.engine.checkpoint import load_checkpoint, load_model_file
+from cnnkit.engine.checkpoint import load_checkpoint
+from cnnkit.modelfile import load_model_file
 
 
 def test_digits_reaches_95_percent(tmp_path):

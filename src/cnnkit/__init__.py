@@ -29,12 +29,12 @@ _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "train": "cnnkit.api",
-    "load_model": "cnnkit.api",
-    "evaluate": "cnnkit.api",
-    "predict": "cnnkit.api",
-    "report": "cnnkit.api",
-    "lr_find": "cnnkit.api",
+    "train": "cnnkit.run",
+    "lr_find": "cnnkit.run",
+    "load_model": "cnnkit.deploy.formats",
+    "evaluate": "cnnkit.evaluation.scoring",
+    "report": "cnnkit.evaluation.scoring",
+    "predict": "cnnkit.deploy.predictor",
     "explain": "cnnkit.evaluation.explain",
     "create_model": "cnnkit.models",
     "list_models": "cnnkit.models",

@@ -1,9 +1,11 @@
 """One validated configuration for a run, in five parts: data, model, optim, train, runtime.
 
-Sources, later ones winning: the defaults below, a YAML file (``--config``), CLI flags for common
-options, then dotted ``key=value`` overrides for any key (``optim.weight_decay=5e-4``). Unknown keys
-and wrong types raise ``CnnkitError`` naming the key, the valid keys or the expected type. The
-resolved config is saved as ``config.yaml`` in the run folder and is enough to repeat the run.
+Sources, later ones winning (``resolve``): the defaults below, the recipe's preset, a YAML file
+(``--config``), CLI flags for common options, then dotted ``key=value`` overrides for any key
+(``optim.weight_decay=5e-4``). Unknown keys, wrong types and choices outside a ``Literal`` raise
+``CnnkitError`` naming the key, the valid keys or choices (with a did-you-mean) or the expected
+type, when the config is loaded; nothing downstream validates them again. The resolved config is
+saved as ``config.yaml`` in the run folder and is enough to repeat the run.
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from cnnkit import recipes
 from cnnkit.errors import CnnkitError
+
+OnOff = Literal["auto", "on", "off"]
 
 
 @dataclass
@@ -33,17 +38,17 @@ class DataConfig:
     input_size: int | None = None  # square side in pixels; None: the dataset's native size
     mean: list | None = None  # per-channel normalisation (0..1 units); None: known or measured
     std: list | None = None  # (pretrained models set both to the values their weights expect)
-    batch_size: int | str = 128  # per process; "auto": measured for this machine and model
+    batch_size: int | Literal["auto"] = 128  # per process; "auto": measured for this machine
     num_workers: int | None = None  # DataLoader workers; None: chosen for the machine
     cache_dir: str = "~/.cache/cnnkit"  # downloads of built-in datasets, decoded image caches
-    decode_cache: str = "auto"  # auto: decode files once when they fit cache_memory | on | off
+    decode_cache: OnOff = "auto"  # auto: decode files once when they fit cache_memory | on | off
     cache_memory: float | None = None  # GiB a decoded split may take; None: half the free RAM
-    hflip: float | str | None = None  # flip probability or "alternate"; None: preset by dataset
+    hflip: float | Literal["alternate"] | None = None  # flip probability; None: dataset preset
     pad_crop: int | None = None  # random crop after padding by this many pixels; None: preset
-    pad_mode: str = "zero"  # zero | reflect: how pad_crop fills the border
+    pad_mode: Literal["zero", "reflect"] = "zero"  # how pad_crop fills the border
     cutout: int = 0  # side in pixels of a square set to the mean colour per image; 0: off
     random_resized_crop: bool | None = None  # None: on for inputs of 64 px and more
-    auto_augment: str = "none"  # none | trivial | rand
+    auto_augment: Literal["none", "trivial", "rand"] = "none"
     random_erasing: float = 0.0  # probability
     mixup: float = 0.0  # Beta(alpha, alpha) for MixUp; 0 turns it off
     cutmix: float = 0.0  # Beta(alpha, alpha) for CutMix; 0 turns it off
@@ -61,14 +66,14 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"  # sgd (Nesterov) | adamw
-    lr: float | str | None = None  # None: 0.1 per 256 images for sgd, 1e-3 for adamw;
+    name: Literal["sgd", "adamw"] = "sgd"  # sgd: Nesterov momentum
+    lr: float | Literal["auto"] | None = None  # None: 0.1 per 256 images for sgd, 1e-3 adamw;
     # "auto": the lr finder's suggestion (cnnkit.evaluation.lr_finder), saved as a number
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float | None = None  # None: 5e-4 for sgd, 0.05 for adamw; never on norm/bias
     betas: list = field(default_factory=lambda: [0.9, 0.999])
-    scheduler: str = "onecycle"  # onecycle | cosine | step | plateau | constant | triangle
+    scheduler: Literal["onecycle", "cosine", "step", "plateau", "constant", "triangle"] = "onecycle"
     warmup_epochs: float = 1.0  # cosine: linear warmup length
     step_size: int = 30  # step: epochs between decays
     gamma: float = 0.1  # step/plateau: decay factor
@@ -79,7 +84,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    recipe: str = "default"  # default | speedrun (32x32 data); a preset under your own settings
+    recipe: Literal["default", "speedrun"] = "default"  # a preset under your own settings
     epochs: int = 20
     seed: int = 0
     deterministic: bool = False  # deterministic kernels (slower on GPU)
@@ -90,15 +95,17 @@ class TrainConfig:
     ema_decay: float = 0.999
     lookahead: bool = False  # every lookahead_every steps pull the weights toward a slow average
     lookahead_every: int = 5
-    tta: str = "none"  # final test evaluation: none | flip | flip_translate (mean of views)
-    monitor: str = "val_acc"  # metric that picks the best weights and drives early stopping
+    tta: Literal["none", "flip", "flip_translate"] = "none"  # final test score: mean of views
+    # the metric that picks the best weights and drives early stopping
+    monitor: Literal["val_acc", "val_loss", "train_acc", "train_loss"] = "val_acc"
     patience: int | None = None  # early stopping: epochs without improvement of monitor
     out_dir: str = "runs"
     name: str | None = None  # run folder name; None: <model>-<data>-<n>
-    progress: str = "auto"  # auto (bar on a TTY) | bar | plain
+    progress: Literal["auto", "bar", "plain"] = "auto"  # auto: a bar on a terminal
     tensorboard: bool = False
-    balance: str = "auto"  # sampler | loss | none | auto (sampler when classes are imbalanced)
-    nan_policy: str = "stop"  # stop | skip: what a non-finite loss does
+    # auto: sampler when the classes are imbalanced
+    balance: Literal["auto", "sampler", "loss", "none"] = "auto"
+    nan_policy: Literal["stop", "skip"] = "stop"  # what a non-finite loss does
     nan_limit: int = 10  # skip: stop anyway after this many skipped steps in a run
     report: bool = True  # write report.html and its PNG figures at the end of training
 
@@ -106,10 +113,10 @@ class TrainConfig:
 @dataclass
 class RuntimeConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    channels_last: str = "auto"  # auto | on | off
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: OnOff = "auto"
     threads: int | None = None  # torch intra-op threads; None: the cores this process may use
-    compile: str = "auto"  # torch.compile the training model: auto (CUDA runs) | on | off
+    compile: OnOff = "auto"  # torch.compile the training model; auto: on CUDA
     sync_bn: bool = False  # distributed CUDA runs: batch-norm statistics over all processes
 
 
@@ -139,6 +146,7 @@ def from_dict(raw: dict, base: Config | None = None) -> Config:
             raise CnnkitError(f"config section '{section}' must be a mapping, got {values!r}")
         for key, value in values.items():
             setattr(part, _check_key(type(part), key, section), _coerce(part, key, value, section))
+    _check_values(cfg)
     return cfg
 
 
@@ -199,14 +207,19 @@ def _check_key(cls, key: str, section: str) -> str:
 
 
 def _coerce(part: Any, key: str, value: Any, section: str) -> Any:
-    """Check ``value`` against the field's annotation; ints are accepted where floats are."""
-    hint = typing.get_type_hints(type(part))[key]
-    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    allowed = tuple(typing.get_origin(a) or a for a in allowed)
+    """Check ``value`` against the field's annotation; ints are accepted where floats are, and a
+    string must be one of the field's ``Literal`` choices."""
+    members = _members(typing.get_type_hints(type(part))[key])
+    choices = [c for a in members if typing.get_origin(a) is Literal for c in typing.get_args(a)]
+    allowed = tuple(
+        typing.get_origin(a) or a for a in members if typing.get_origin(a) is not Literal
+    )
     if value is None and type(None) in allowed:
         return None
-    if isinstance(value, bool) and str in allowed and bool not in allowed:
-        return "on" if value else "off"  # YAML 1.1 reads on/off as booleans: auto|on|off keys
+    if choices:
+        value = _choice(value, choices, f"{section}.{key}", allowed)
+        if isinstance(value, str) and value in choices:
+            return value
     if float in allowed and isinstance(value, str):
         value = _float_or_same(value)  # YAML 1.1 reads "5e-4" (no dot) as a string
     if isinstance(value, bool) and bool not in allowed:
@@ -216,9 +229,39 @@ def _coerce(part: Any, key: str, value: Any, section: str) -> Any:
     else:
         allowed_ok = isinstance(value, tuple(a for a in allowed if a is not type(None)))
     if not allowed_ok:
-        names = " or ".join("null" if a is type(None) else a.__name__ for a in allowed)
-        raise CnnkitError(f"config key '{section}.{key}' expects {names}, got {value!r}")
+        names = [_type_name(a) for a in allowed] + [f"'{c}'" for c in choices]
+        raise CnnkitError(
+            f"config key '{section}.{key}' expects {' or '.join(names)}, got {value!r}"
+        )
     return value
+
+
+def _members(hint) -> tuple:
+    """The members of a union annotation (``float | Literal["auto"] | None``), or the one type."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return typing.get_args(hint)
+    return (hint,)
+
+
+def _type_name(cls) -> str:
+    return "null" if cls is type(None) else cls.__name__
+
+
+def _choice(value: Any, choices: list[str], key: str, allowed: tuple) -> Any:
+    """A string must be one of ``choices`` (with a did-you-mean); other types pass through."""
+    if isinstance(value, bool) and "on" in choices and bool not in allowed:
+        return "on" if value else "off"  # YAML 1.1 reads on/off as booleans: auto|on|off keys
+    if not isinstance(value, str) or value in choices:
+        return value
+    others = [_type_name(a) for a in allowed if a is not type(None)]
+    if float in allowed and _float_or_same(value) != value:
+        return value  # a number written as a string ("5e-4"); the type check converts it
+    close = difflib.get_close_matches(value, choices, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    if others:  # a number or a word: batch_size, lr, hflip
+        words = " or ".join([*others, *(f"'{c}'" for c in choices)])
+        raise CnnkitError(f"config key '{key}' expects {words}, got {value!r}.{hint}")
+    raise CnnkitError(f"config key '{key}' is '{value}', not one of {', '.join(choices)}.{hint}")
 
 
 def _float_or_same(text: str) -> float | str:
@@ -226,3 +269,93 @@ def _float_or_same(text: str) -> float | str:
         return float(text)
     except ValueError:
         return text
+
+
+SHORTCUTS = {  # option name -> config key, for train(...) keywords and CLI flags
+    "model": "model.name",
+    "epochs": "train.epochs",
+    "batch_size": "data.batch_size",
+    "lr": "optim.lr",
+    "seed": "train.seed",
+    "name": "train.name",
+    "optimizer": "optim.name",
+    "scheduler": "optim.scheduler",
+    "input_size": "data.input_size",
+    "val": "data.val",
+    "test": "data.test",
+    "device": "runtime.device",
+    "precision": "runtime.precision",
+    "pretrained": "model.pretrained",
+    "weights": "model.weights",
+    "freeze_epochs": "train.freeze_epochs",
+    "num_workers": "data.num_workers",
+    "out_dir": "train.out_dir",
+    "progress": "train.progress",
+    "skip_bad": "data.skip_bad",
+    "balance": "train.balance",
+    "nan_policy": "train.nan_policy",
+    "report": "train.report",
+    "recipe": "train.recipe",
+}
+
+
+def resolve(
+    data_source: str | None = None,
+    config: str | Path | Config | dict | None = None,
+    overrides: list[str] | None = None,
+    **options,
+) -> Config:
+    """Defaults < recipe preset < config file/dict < shortcut options < dotted overrides."""
+    layers = [_config_layer(config), _options_layer(data_source, options)]
+    layers += [parse_override(item) for item in overrides or []]
+    user = Config()
+    for layer in layers:
+        user = from_dict(layer, user)
+    given_batch = any("batch_size" in layer.get("data", {}) for layer in layers)
+    cfg = from_dict(
+        recipes.preset(user.train.recipe, user.data.batch_size if given_batch else None)
+    )
+    for layer in layers:
+        cfg = from_dict(layer, cfg)
+    return cfg
+
+
+def _config_layer(config: str | Path | Config | dict | None) -> dict:
+    """What the user's config sets, as a nested dict (a ``Config``: its non-default values)."""
+    if config is None:
+        return {}
+    if isinstance(config, dict):
+        return config
+    if isinstance(config, Config):
+        defaults = Config().to_dict()
+        return {
+            section: changed
+            for section, values in config.to_dict().items()
+            if (changed := {k: v for k, v in values.items() if defaults[section][k] != v})
+        }
+    return read_yaml(Path(config))
+
+
+def _options_layer(data_source: str | None, options: dict) -> dict:
+    flat = {} if data_source is None else {"data.source": data_source}
+    for key, value in options.items():
+        if key not in SHORTCUTS:
+            raise CnnkitError(
+                f"unknown option '{key}'; options: {', '.join(SHORTCUTS)} "
+                "(use overrides=['section.key=value'] for the rest)"
+            )
+        if value is not None:
+            flat[SHORTCUTS[key]] = value
+    nested: dict = {}
+    for key, value in flat.items():
+        section, field = key.split(".")
+        nested.setdefault(section, {})[field] = value
+    return nested
+
+
+def _check_values(cfg: Config) -> None:
+    """Ranges the types cannot say."""
+    if isinstance(cfg.data.batch_size, int) and cfg.data.batch_size < 1:
+        raise CnnkitError(f"data.batch_size must be >= 1 or 'auto', got {cfg.data.batch_size}")
+    if cfg.runtime.threads is not None and cfg.runtime.threads < 1:
+        raise CnnkitError(f"runtime.threads must be >= 1 or null, got {cfg.runtime.threads}")

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from cnnkit.cli.train import DEBUG
+from cnnkit.cli.common import DEBUG
 
 
 def doctor(

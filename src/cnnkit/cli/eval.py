@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from cnnkit.cli.train import DEBUG, MODEL_PRECISION
+from cnnkit.cli.common import DEBUG, MODEL_PRECISION
 
 MAX_CONFUSION_CLASSES = 20  # wider matrices do not fit a terminal; --json has them all
 
@@ -30,7 +30,8 @@ def eval_(
     debug: Annotated[bool, DEBUG] = False,
 ) -> None:
     """Loss, top-1/top-5, per-class precision/recall/F1 and the confusion matrix."""
-    from cnnkit.api import evaluate
+    # imported when the verb runs: torch stays off `cnnkit --help` (cli/__init__)
+    from cnnkit.evaluation.scoring import evaluate
 
     metrics = evaluate(
         run_or_model,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cnnkit.cli.train import DEBUG, MODEL_PRECISION
+from cnnkit.cli.common import DEBUG, MODEL_PRECISION
 
 
 def explain(

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cnnkit.cli.train import DEBUG
+from cnnkit.cli.common import DEBUG, split_positionals
 
 
 def lr_find(
@@ -32,10 +32,10 @@ def lr_find(
     debug: Annotated[bool, DEBUG] = False,
 ) -> None:
     """Loss against an exponentially growing lr; prints the suggested lr and plots the curve."""
-    from cnnkit.api import lr_find as api_lr_find
-    from cnnkit.cli.train import split_positionals
+    # imported when the verb runs: torch stays off `cnnkit --help` (cli/__init__)
     from cnnkit.evaluation.plots import png
     from cnnkit.fileio import atomic_write_bytes
+    from cnnkit.run import lr_find as api_lr_find
 
     if steps < 10:
         raise typer.BadParameter(f"must be at least 10, got {steps}", param_hint="--steps")

@@ -12,6 +12,7 @@ import click
 import typer
 
 from cnnkit.cli import bench as bench_cmd
+from cnnkit.cli import common
 from cnnkit.cli import doctor as doctor_cmd
 from cnnkit.cli import eval as eval_cmd
 from cnnkit.cli import explain as explain_cmd
@@ -71,7 +72,6 @@ def _typer_errors() -> tuple[tuple, tuple, tuple]:
 
 
 EXIT_ERRORS, USAGE_ERRORS, ABORT_ERRORS = _typer_errors()
-CURRENT_ARGV: list[str] = []  # the arguments of the running command (for --nproc relaunches)
 
 
 def run(argv: list[str]) -> int:
@@ -80,7 +80,7 @@ def run(argv: list[str]) -> int:
     debug = "--debug" in argv
     if argv[:1] == ["--debug"]:  # also accepted before the verb
         argv = argv[1:]
-    CURRENT_ARGV[:] = argv
+    common.CURRENT_ARGV[:] = argv
     try:
         code = app(args=argv, prog_name="cnnkit", standalone_mode=False)
     except EXIT_ERRORS as e:

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from cnnkit.cli.train import DEBUG, MODEL_PRECISION
+from cnnkit.cli.common import DEBUG, MODEL_PRECISION
 
 
 def predict(
@@ -27,7 +27,8 @@ def predict(
     debug: Annotated[bool, DEBUG] = False,
 ) -> None:
     """Classify images with a trained model, using the preprocessing stored in its file."""
-    from cnnkit.api import predict as api_predict
+    # imported when the verb runs: torch stays off `cnnkit --help` (cli/__init__)
+    from cnnkit.deploy.predictor import predict as api_predict
 
     if top_k < 1:
         raise typer.BadParameter(f"must be at least 1, got {top_k}", param_hint="--top-k")

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cnnkit.cli.train import DEBUG, MODEL_PRECISION
+from cnnkit.cli.common import DEBUG, MODEL_PRECISION
 
 
 def report(
@@ -32,7 +32,8 @@ def report(
     debug: Annotated[bool, DEBUG] = False,
 ) -> None:
     """Per-class metrics, confusion matrix, calibration, worst mistakes, Grad-CAM, model and run."""
-    from cnnkit.api import report as api_report
+    # imported when the verb runs: torch stays off `cnnkit --help` (cli/__init__)
+    from cnnkit.evaluation.scoring import report as api_report
 
     path = api_report(
         run,

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from cnnkit.cli.train import DEBUG, MODEL_PRECISION
+from cnnkit.cli.common import DEBUG, MODEL_PRECISION
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -37,7 +37,7 @@ def serve(
 
     for module in ("fastapi", "uvicorn", "python_multipart"):
         require(module, "cnnkit serve")
-    from cnnkit.api import load_model
+    from cnnkit.deploy.formats import load_model
     from cnnkit.deploy.server import ServeConfig
     from cnnkit.deploy.server import serve as run_server
 

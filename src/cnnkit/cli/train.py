@@ -1,4 +1,4 @@
-"""``cnnkit train``: parse options into a config and hand it to ``cnnkit.api.train``."""
+"""``cnnkit train``: parse options and hand them to ``cnnkit.run.train``; print the summary."""
 
 from __future__ import annotations
 
@@ -7,13 +7,7 @@ from typing import Annotated
 
 import typer
 
-DEBUG = typer.Option("--debug", help="Show the full traceback on errors.")
-# the verbs that use a trained model score and predict at the precision the run trained with
-MODEL_PRECISION = typer.Option(
-    "--precision",
-    help="fp32, bf16, fp16 or auto; default: the precision the run trained with.",
-    show_default=False,
-)
+from cnnkit.cli.common import CURRENT_ARGV, DEBUG, split_positionals
 
 
 def train(
@@ -112,92 +106,49 @@ def train(
     debug: Annotated[bool, DEBUG] = False,
 ) -> None:
     """Train a classifier; everything it writes goes to runs/<name>/."""
-    from cnnkit.api import train as api_train
+    # imported when the verb runs: torch stays off `cnnkit --help` (cli/__init__)
     from cnnkit.engine import distributed
+    from cnnkit.run import train as run_train
 
     if nproc is not None:
-        _launch(nproc)
+        code = distributed.launch(nproc, _without_option(CURRENT_ARGV, "--nproc"))
+        if code:
+            raise typer.Exit(code)
         return
     data, overrides = split_positionals(data, overrides or [])
-    if resume is not None:
-        options = dict(data=data, model=model, config=config, batch_size=batch_size)
-        options["recipe"] = recipe
-        given = [k for k, v in options.items() if v is not None]
-        if given:
-            raise typer.BadParameter(
-                f"--resume continues the run with its saved config; drop {', '.join(given)} "
-                "(section.key=value overrides and --epochs are allowed)",
-                param_hint="--resume",
-            )
-        extra = [f"train.epochs={epochs}"] if epochs is not None else []
-        extra += [f"train.nan_policy={nan_policy}"] if nan_policy else []
-        result = _stop_cleanly(
-            api_train,
-            resume=resume,
-            overrides=extra + overrides,
-            resume_changed=resume_changed,
-            allow_world_change=allow_world_change,
-        )
-    else:
-        result = _stop_cleanly(
-            api_train,
-            data,
-            config=config,
-            overrides=overrides,
-            model=model,
-            epochs=epochs,
-            batch_size=_batch_size(batch_size),
-            val=val,
-            test=test,
-            lr=_parse_lr(lr),
-            seed=seed,
-            recipe=recipe,
-            name=name,
-            pretrained=pretrained or None,
-            weights=str(weights) if weights else None,
-            freeze_epochs=freeze_epochs,
-            input_size=input_size,
-            device=device,
-            precision=precision,
-            num_workers=num_workers,
-            progress="plain" if quiet else None,
-            skip_bad=skip_bad or None,
-            balance=balance,
-            nan_policy=nan_policy,
-            report=None if report else False,
-        )
+    result = _stop_cleanly(
+        run_train,
+        data,
+        config=config,
+        overrides=overrides,
+        resume=resume,
+        resume_changed=resume_changed,
+        allow_world_change=allow_world_change,
+        model=model,
+        epochs=epochs,
+        batch_size=_batch_size(batch_size),
+        val=val,
+        test=test,
+        lr=_parse_lr(lr),
+        seed=seed,
+        recipe=recipe,
+        name=name,
+        pretrained=pretrained or None,
+        weights=str(weights) if weights else None,
+        freeze_epochs=freeze_epochs,
+        input_size=input_size,
+        device=device,
+        precision=precision,
+        num_workers=num_workers,
+        progress="plain" if quiet else None,
+        skip_bad=skip_bad or None,
+        balance=balance,
+        nan_policy=nan_policy,
+        report=None if report else False,
+    )
     if distributed.current().main:
         _summary(result)
     distributed.cleanup()
-
-
-def _launch(nproc: int) -> None:
-    """``--nproc N``: run this same command under torchrun with N processes on this machine."""
-    import os
-    import subprocess
-    import sys
-
-    from cnnkit.cli import main as cli_main
-    from cnnkit.errors import CnnkitError
-
-    if nproc < 1:
-        raise CnnkitError(f"--nproc must be >= 1, got {nproc}")
-    if "WORLD_SIZE" in os.environ:
-        raise CnnkitError("--nproc starts torchrun itself; drop it when already under torchrun")
-    argv = _without_option(cli_main.CURRENT_ARGV, "--nproc")
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "cnnkit",
-        *argv,
-    ]
-    code = subprocess.call(command)
-    if code:
-        raise typer.Exit(code)
 
 
 def _without_option(argv: list[str], name: str) -> list[str]:
@@ -212,13 +163,13 @@ def _without_option(argv: list[str], name: str) -> list[str]:
     return out
 
 
-def _stop_cleanly(api_train, *args, **kwargs):
+def _stop_cleanly(run_train, *args, **kwargs):
     """Run training; a stop on SIGINT/SIGTERM (checkpoint saved, resume hint printed) exits with
     128 + the signal (130, 143) instead of a traceback. Typer would report every stop as 130."""
     from cnnkit.engine.interrupt import Interrupted
 
     try:
-        return api_train(*args, **kwargs)
+        return run_train(*args, **kwargs)
     except Interrupted as e:
         raise typer.Exit(e.exit_code) from None
 
@@ -243,13 +194,6 @@ def _parse_lr(text: str | None) -> float | str | None:
         raise typer.BadParameter(
             f"must be a number or 'auto', got '{text}'", param_hint="--lr"
         ) from None
-
-
-def split_positionals(data: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
-    """``cnnkit train optim.lr=0.1``: a first positional that is an override is not DATA."""
-    if data is not None and "=" in data and not Path(data).exists():
-        return None, [data, *overrides]
-    return data, overrides
 
 
 def _summary(result) -> None:

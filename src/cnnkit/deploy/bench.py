@@ -20,7 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from cnnkit.deploy.export import OPSET, parity_data, write_int8, write_onnx
+from cnnkit.deploy.formats import OnnxModel, load_model
 from cnnkit.engine import runtime
+from cnnkit.errors import CnnkitError
+from cnnkit.modelfile import model_path
 
 WARMUP = 5
 
@@ -33,8 +37,6 @@ def bench(
 ) -> list[dict]:
     """One row per runtime: latency_p50_ms, latency_p99_ms (batch 1), throughput (images/s at
     ``batch_size``), speedup (throughput / eager fp32's), note."""
-    from cnnkit.api import load_model, model_path
-
     path = model_path(run_or_model)
     model = load_model(path, device="cpu")
     shape = (model.meta["in_chans"], *model.meta["input_size"])
@@ -121,18 +123,11 @@ def _compiled(model, path, tmp, shape):
 
 
 def _ort_fp32(model, path, tmp, shape):
-    from cnnkit.deploy.export import write_onnx
-    from cnnkit.deploy.formats import OnnxModel
-
     write_onnx(model, tmp / "fp32.onnx")
     return OnnxModel(tmp / "fp32.onnx"), f"opset {_opset()}"
 
 
 def _ort_int8(model, path, tmp, shape):
-    from cnnkit.deploy.export import parity_data, write_int8
-    from cnnkit.deploy.formats import OnnxModel
-    from cnnkit.errors import CnnkitError
-
     try:
         calibration, note = parity_data(path, model.meta, None).calibration, "calibrated on train"
     except CnnkitError:
@@ -147,7 +142,6 @@ def _as_file(model, path, tmp, shape):
 
 
 def _opset() -> int:
-    from cnnkit.deploy.export import OPSET
 
     return OPSET
 

@@ -37,13 +37,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from cnnkit import data
+from cnnkit.config import load
 from cnnkit.deploy.formats import (
     TORCHSCRIPT_META,
     load_exported,
+    load_model,
     onnx_metadata,
     require,
 )
 from cnnkit.errors import CnnkitError
+from cnnkit.modelfile import model_path
 
 FP32_TOLERANCE = 1e-4  # max |logit diff| / max |logit|, fp32 formats
 INT8_MIN_AGREEMENT = 0.99  # top-1 agreement with the fp32 model on the validation split
@@ -117,8 +121,6 @@ def export(
     validation split, else test, for agreement), or from ``data_source`` (labelled images) when
     the model file stands alone. Raises ``CnnkitError`` with the figures when a check fails.
     """
-    from cnnkit.api import load_model, model_path
-
     if fmt not in SUFFIXES:
         raise CnnkitError(f"unknown export format '{fmt}'; use one of {', '.join(SUFFIXES)}")
     source = model_path(run_or_model)
@@ -156,8 +158,6 @@ def parity_data(
     source: Path, meta: dict, data_source: str | None, max_val_images: int | None = None
 ) -> ParityData:
     """Calibration and validation images, preprocessed exactly as the model file says."""
-    from cnnkit import data
-    from cnnkit.config import load
 
     pre = meta["preprocessing"]
     if data_source is not None:
@@ -183,7 +183,6 @@ def parity_data(
 def _limit(dataset, count: int | None, pre: dict):
     """At most ``count`` images spread evenly over ``dataset`` (folders are sorted by class, so
     the first ones would be a few classes only), with the eval transform (subsets drop it)."""
-    from cnnkit import data
 
     if count is None or count >= len(dataset):
         return dataset
@@ -312,7 +311,6 @@ WRITERS = {
 @torch.inference_mode()
 def check_parity(reference: nn.Module, exported: nn.Module, images: ParityData, fmt: str) -> Parity:
     """Compare ``exported`` with ``reference`` on real images; sets ``passed`` and ``problems``."""
-    from cnnkit import data
 
     loader = data.make_loader(images.validation, LOGIT_BATCH, train=False, seed=0, num_workers=0)
     agree = correct_ref = correct_exp = seen = 0

@@ -1,5 +1,6 @@
-"""Exported model files loaded as ``nn.Module``s that carry ``.meta``, like ``load_model``'s.
+"""Model files of every format loaded as ``nn.Module``s that carry ``.meta``: ``load_model``.
 
+``model.safetensors`` is read by ``cnnkit.modelfile`` and rebuilt by ``cnnkit.models.rebuild``.
 Wrapping an ONNX Runtime session (or a TorchScript module) in a module with the same ``.meta``
 (classes, preprocessing) as a ``.safetensors`` model lets ``predict``, ``eval``, ``serve`` and
 ``bench`` take any format through one code path: they only call ``model(x)`` on a float batch
@@ -21,8 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from cnnkit.engine.checkpoint import MODEL_FORMAT
+from cnnkit import models
+from cnnkit.engine import runtime
 from cnnkit.errors import CnnkitError
+from cnnkit.modelfile import MODEL_FORMAT, load_model_file, model_path
 
 ONNX_SUFFIX = ".onnx"
 TORCHSCRIPT_SUFFIXES = (".pt", ".ts")  # exported as <name>.torchscript.pt
@@ -47,6 +50,21 @@ def require(module: str, purpose: str):
         raise CnnkitError(
             f"{purpose} needs the '{module}' package: pip install 'cnnkit[{extra}]'"
         ) from None
+
+
+def load_model(run_or_model: str | Path, device: str = "cpu") -> nn.Module:
+    """Rebuild a trained model from its model file (or run folder), in eval mode.
+
+    The returned module carries the file's metadata (classes, preprocessing, precision...) as
+    ``model.meta``. Exported ``.onnx`` (ONNX Runtime, CPU) and TorchScript files load too, with
+    the same ``.meta``.
+    """
+    path = model_path(run_or_model)
+    if is_exported(path):  # .onnx / TorchScript: same .meta, same call, another runtime
+        return load_exported(path)
+    state, meta = load_model_file(path)
+    model = models.rebuild(meta, state, path)
+    return model.to(runtime.resolve_device(device))
 
 
 def is_exported(path: str | Path) -> bool:

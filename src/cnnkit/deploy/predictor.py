@@ -17,10 +17,27 @@ from torch import nn
 from cnnkit.data import load_image
 from cnnkit.data.images import list_images
 from cnnkit.data.transforms import eval_transform
+from cnnkit.deploy.formats import load_model
 from cnnkit.engine import runtime
 from cnnkit.errors import CnnkitError
 
 GLOB_CHARS = set("*?[")
+
+
+def predict(
+    run_or_model: str | Path | nn.Module,
+    inputs,
+    *,
+    top_k: int = 5,
+    batch_size: int = 64,
+    device: str = "auto",
+    precision: str | None = None,
+) -> list[dict]:
+    """Top-k classes for image files, folders or glob patterns (or PIL images); ``precision``:
+    default, the precision the run trained with."""
+    model = run_or_model if isinstance(run_or_model, nn.Module) else load_model(run_or_model)
+    predictor = Predictor(model, device=device, precision=precision)
+    return predictor.predict(inputs, top_k=top_k, batch_size=batch_size)
 
 
 def expand_inputs(inputs: Iterable[str | Path | Image.Image]) -> list[str | Image.Image]:

@@ -204,10 +204,6 @@ class Progress:
     one per epoch, plus one every ``PLAIN_EVERY_S`` seconds inside long epochs."""
 
     def __init__(self, mode: str, epochs: int):
-        if mode not in ("auto", "bar", "plain"):
-            from cnnkit.errors import CnnkitError
-
-            raise CnnkitError(f"train.progress must be auto, bar or plain, got '{mode}'")
         self.bar = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
         self.epochs = epochs
         self._live = None

@@ -24,11 +24,15 @@ from __future__ import annotations
 import datetime
 import os
 import signal
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from cnnkit.errors import CnnkitError
 
 TIMEOUT = datetime.timedelta(minutes=30)
 
@@ -144,22 +148,34 @@ def wrap(model: torch.nn.Module, device: torch.device, sync_bn: bool) -> torch.n
 FAULT_ENV = "CNNKIT_FAULT_INJECT"
 
 
-def fault_hook(epoch: int):
+def fault_hook():
     """For fault-tolerance tests: with ``CNNKIT_FAULT_INJECT=rank:epoch:step`` the named process
     kills itself (SIGKILL, as a crashed machine would) after that step, in the first attempt
-    of a torchrun group only. None otherwise."""
+    of a torchrun group only. Returns an ``after_step(epoch, step)`` for ``fit``, or None."""
     spec = os.environ.get(FAULT_ENV)
     if not spec or restart_count() > 0:
         return None
     rank, fault_epoch, fault_step = (int(v) for v in spec.split(":"))
-    if rank != current().rank or fault_epoch != epoch:
+    if rank != current().rank:
         return None
 
-    def hook(step: int) -> None:
-        if step == fault_step:
+    def hook(epoch: int, step: int) -> None:
+        if (epoch, step) == (fault_epoch, fault_step):
             os.kill(os.getpid(), signal.SIGKILL)
 
     return hook
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """``cnnkit train --nproc N``: run the cnnkit command ``argv`` (without ``--nproc``) under
+    torchrun with N processes on this machine; returns torchrun's exit code."""
+    if nproc < 1:
+        raise CnnkitError(f"--nproc must be >= 1, got {nproc}")
+    if "WORLD_SIZE" in os.environ:
+        raise CnnkitError("--nproc starts torchrun itself; drop it when already under torchrun")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += [f"--nproc-per-node={nproc}", "-m", "cnnkit", *argv]
+    return subprocess.call(command)
 
 
 def cleanup() -> None:

@@ -88,8 +88,6 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"sgd": _sgd, "ada
 
 def create_optimizer(model: nn.Module, cfg: OptimConfig, batch_size: int) -> torch.optim.Optimizer:
     """Optimizer named by ``cfg.name`` over ``model``'s parameters, decay kept off norm and bias."""
-    if cfg.name not in OPTIMIZERS:
-        raise CnnkitError(f"unknown optimizer '{cfg.name}'; choose from {', '.join(OPTIMIZERS)}")
     if cfg.name == "sgd" and cfg.nesterov and cfg.momentum <= 0:
         raise CnnkitError("optim.nesterov needs optim.momentum > 0 (or set optim.nesterov=false)")
     if cfg.decoupled_wd and cfg.name != "sgd":
@@ -184,8 +182,4 @@ def create_scheduler(
     opt: torch.optim.Optimizer, cfg: OptimConfig, epochs: int, steps_per_epoch: int
 ):
     """Schedule named by ``cfg.scheduler`` for a run of ``epochs`` x ``steps_per_epoch`` steps."""
-    if cfg.scheduler not in SCHEDULERS:
-        raise CnnkitError(
-            f"unknown scheduler '{cfg.scheduler}'; choose from {', '.join(SCHEDULERS)}"
-        )
     return SCHEDULERS[cfg.scheduler](opt, cfg, epochs * steps_per_epoch, steps_per_epoch)

@@ -16,13 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnkit.config import RuntimeConfig
+from cnnkit.config import RuntimeConfig, from_dict
 from cnnkit.errors import CnnkitError
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-COMPILE_MODES = ("auto", "on", "off")
 
 
 NATIVE_BF16_ENV = "CNNKIT_NATIVE_BF16"  # "1"/"0": force the CPU bf16 answer (tests, odd CPUs)
@@ -69,13 +66,11 @@ class Runtime:
 
 
 def resolve(cfg: RuntimeConfig, deterministic: bool = False) -> Runtime:
-    """Pick device, precision, layout, threads and compilation from the config (``auto`` = best
-    for this machine) and set torch's global state (threads, determinism) to match.
+    """Pick device, precision, layout, threads and compilation from the (validated) config
+    (``auto`` = best for this machine) and set torch's global state (threads, determinism).
 
     Call it once per process and command, and pass the ``Runtime`` on: a second call would
     reset the global state and could choose differently."""
-    if cfg.threads is not None and cfg.threads < 1:
-        raise CnnkitError(f"runtime.threads must be >= 1 or null, got {cfg.threads}")
     device = resolve_device(cfg.device)
     rt = Runtime(
         device=device,
@@ -97,7 +92,7 @@ def for_model(meta: dict, device: str = "auto", precision: str | None = None) ->
         precision = meta.get("precision") or "auto"  # files from before 0.1.1 record none
         if precision == "fp16" and resolve_device(device).type != "cuda":
             precision = "auto"  # fp16 is a GPU format; score a GPU run's model as auto here
-    return resolve(RuntimeConfig(device=device, precision=precision))
+    return resolve(from_dict({"runtime": {"device": device, "precision": precision}}).runtime)
 
 
 def auto_threads() -> int:
@@ -137,8 +132,6 @@ def _compile(mode: str, device: torch.device) -> bool:
     """``auto`` compiles on CUDA, where fused kernels pay back the warm-up within minutes; on a
     CPU the convolutions already run in oneDNN and the warm-up (a minute or more on few cores)
     rarely pays back (measured in benchmarks/train_step.py)."""
-    if mode not in COMPILE_MODES:
-        raise CnnkitError(f"runtime.compile must be auto, on or off, got '{mode}'")
     if mode != "auto":
         return mode == "on"
     return device.type == "cuda"
@@ -164,8 +157,6 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _precision(name: str, device: torch.device) -> str:
-    if name not in ("auto", *PRECISIONS):
-        raise CnnkitError(f"unknown precision '{name}'; use auto, fp32, bf16 or fp16")
     if name != "auto":
         if name == "fp16" and device.type == "cpu":
             raise CnnkitError("precision fp16 is for GPUs; on the CPU use bf16 or fp32")
@@ -178,8 +169,6 @@ def _precision(name: str, device: torch.device) -> str:
 
 
 def _channels_last(mode: str, device: torch.device) -> bool:
-    if mode not in ("auto", "on", "off"):
-        raise CnnkitError(f"runtime.channels_last must be auto, on or off, got '{mode}'")
     if mode != "auto":
         return mode == "on"
     # Tensor cores and oneDNN convolutions prefer NHWC; MPS gains nothing from it.

@@ -15,6 +15,8 @@ from PIL import Image
 
 from cnnkit.data.images import load_image
 from cnnkit.data.transforms import eval_transform, image_mode
+from cnnkit.deploy.formats import load_model
+from cnnkit.deploy.predictor import expand_inputs
 from cnnkit.engine import runtime
 from cnnkit.errors import CnnkitError
 from cnnkit.evaluation import plots
@@ -39,9 +41,6 @@ def explain(
     ``target``: a class name to explain for every image (default: each image's prediction).
     ``precision``: default, the precision the run trained with.
     """
-    from cnnkit.api import load_model
-    from cnnkit.deploy.predictor import expand_inputs
-
     if method not in METHODS:
         raise CnnkitError(f"unknown CAM method '{method}'; choose from {', '.join(METHODS)}")
     model = load_model(run_or_model, device=device)

@@ -18,6 +18,7 @@ from cnnkit.models._registry import (
     register_model,
     summary_rows,
 )
+from cnnkit.models.saved import rebuild
 
 __all__ = [
     "builder_options",
@@ -26,6 +27,7 @@ __all__ = [
     "list_models",
     "load_state_into",
     "model_info",
+    "rebuild",
     "register_model",
     "summary_rows",
 ]

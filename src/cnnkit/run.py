@@ -1,7 +1,11 @@
-"""The Python API behind every CLI verb: train, load_model, evaluate, predict.
+"""The path of one run: config -> data.build -> models -> engine.fit -> score and report, all in
+the run folder ``runs/<name>/`` (the only place a run writes).
 
-``train`` is the path of one run: config -> data.build -> models.create -> engine.fit -> the run
-folder. The others read a model file (or a run folder holding one) and nothing else.
+``train`` resolves everything once per process and passes it down: the config (``config.resolve``),
+one ``Runtime`` (device, precision, layout, threads, compile), one batch size (``auto`` is measured
+here), one lr (``auto`` runs the lr finder here). ``train(resume=...)`` continues a run from its
+checkpoint; the rules for what a resumed run may change (``RESUME_SAFE``) live here, and so does
+continuing after a torchrun restart.
 """
 
 from __future__ import annotations
@@ -18,33 +22,34 @@ import torch
 from torch import nn
 
 from cnnkit import __version__, data, models, recipes
-from cnnkit.config import (
-    Config,
-    DataConfig,
-    from_dict,
-    load,
-    parse_override,
-    read_yaml,
-)
-from cnnkit.data.memory import run_loader
-from cnnkit.deploy.formats import is_exported, load_exported
+from cnnkit.config import Config, from_dict, load, resolve
+from cnnkit.deploy.formats import load_model
 from cnnkit.engine import distributed, runtime
-from cnnkit.engine.checkpoint import (
-    atomic_write_bytes,
-    load_checkpoint,
-    load_latest,
-    load_model_file,
-)
+from cnnkit.engine.checkpoint import load_latest
 from cnnkit.engine.fit import CHECKPOINT, FitResult, fit
 from cnnkit.engine.interrupt import Interrupted
-from cnnkit.engine.loop import evaluate as evaluate_loader
 from cnnkit.engine.tuning import auto_batch_size
 from cnnkit.errors import CnnkitError
-from cnnkit.evaluation.metrics import summarize
-from cnnkit.evaluation.tta import check_mode, with_tta
+from cnnkit.evaluation.lr_finder import LrFindResult, lr_find_for_config
+from cnnkit.evaluation.report import write_report
+from cnnkit.evaluation.scoring import score
+from cnnkit.fileio import atomic_write_bytes
+from cnnkit.modelfile import MODEL_FILE, read_weights
 
-MODEL_FILE = "model.safetensors"
 SKIPPED_FILE = "skipped_files.tsv"
+# Keys a resumed run may change without losing exactness (they do not touch the numbers).
+RESUME_SAFE = frozenset(
+    {"train.progress", "train.tensorboard", "data.num_workers", "runtime.threads"}
+    | {"train.nan_policy", "train.nan_limit", "data.check_files", "train.report"}
+)
+# train(resume=...) keywords that become overrides of the saved config; any other is refused
+RESUME_OPTIONS = {
+    "epochs": "train.epochs",
+    "nan_policy": "train.nan_policy",
+    "progress": "train.progress",
+    "num_workers": "data.num_workers",
+    "report": "train.report",
+}
 
 
 @dataclass
@@ -79,12 +84,12 @@ def train(
     Started by torchrun, every process calls this and they train as one data-parallel run.
     """
     if resume is not None:
+        extra = _resume_overrides(data_source, config, options)
         distributed.init()
         return _resume(
-            Path(resume), stop_after, overrides or [], resume_changed, allow_world_change
+            Path(resume), stop_after, extra + (overrides or []), resume_changed, allow_world_change
         )
-    cfg = resolve_config(data_source, config, overrides, **options)
-    _check_batch_size(cfg.data.batch_size)
+    cfg = resolve(data_source, config, overrides, **options)
     dd = distributed.init(cfg.runtime.device)
     restarted = _torchrun_restart(cfg)
     if restarted is not None:
@@ -117,98 +122,16 @@ def run_runtime(cfg: Config) -> runtime.Runtime:
     return rt
 
 
-SHORTCUTS = {  # option name -> config key, for train(...) keywords and CLI flags
-    "model": "model.name",
-    "epochs": "train.epochs",
-    "batch_size": "data.batch_size",
-    "lr": "optim.lr",
-    "seed": "train.seed",
-    "name": "train.name",
-    "optimizer": "optim.name",
-    "scheduler": "optim.scheduler",
-    "input_size": "data.input_size",
-    "val": "data.val",
-    "test": "data.test",
-    "device": "runtime.device",
-    "precision": "runtime.precision",
-    "pretrained": "model.pretrained",
-    "weights": "model.weights",
-    "freeze_epochs": "train.freeze_epochs",
-    "num_workers": "data.num_workers",
-    "out_dir": "train.out_dir",
-    "progress": "train.progress",
-    "skip_bad": "data.skip_bad",
-    "balance": "train.balance",
-    "nan_policy": "train.nan_policy",
-    "report": "train.report",
-    "recipe": "train.recipe",
-}
-# Keys a resumed run may change without losing exactness (they do not touch the numbers).
-RESUME_SAFE = frozenset(
-    {"train.progress", "train.tensorboard", "data.num_workers", "runtime.threads"}
-    | {"train.nan_policy", "train.nan_limit", "data.check_files"}
-)
-
-
-def resolve_config(
-    data_source: str | None = None,
-    config: str | Path | Config | dict | None = None,
-    overrides: list[str] | None = None,
-    **options,
-) -> Config:
-    """Defaults < recipe preset < config file/dict < shortcut options < dotted overrides."""
-    layers = [_config_layer(config), _options_layer(data_source, options)]
-    layers += [parse_override(item) for item in overrides or []]
-    user = Config()
-    for layer in layers:
-        user = from_dict(layer, user)
-    given_batch = any("batch_size" in layer.get("data", {}) for layer in layers)
-    cfg = from_dict(
-        recipes.preset(user.train.recipe, user.data.batch_size if given_batch else None)
-    )
-    for layer in layers:
-        cfg = from_dict(layer, cfg)
-    check_mode(cfg.train.tta)
-    return cfg
-
-
-def _config_layer(config: str | Path | Config | dict | None) -> dict:
-    """What the user's config sets, as a nested dict (a ``Config``: its non-default values)."""
-    if config is None:
-        return {}
-    if isinstance(config, dict):
-        return config
-    if isinstance(config, Config):
-        defaults = Config().to_dict()
-        return {
-            section: changed
-            for section, values in config.to_dict().items()
-            if (changed := {k: v for k, v in values.items() if defaults[section][k] != v})
-        }
-    return read_yaml(Path(config))
-
-
-def _options_layer(data_source: str | None, options: dict) -> dict:
-    flat = {} if data_source is None else {"data.source": data_source}
-    for key, value in options.items():
-        if key not in SHORTCUTS:
-            raise CnnkitError(
-                f"unknown option '{key}'; options: {', '.join(SHORTCUTS)} "
-                "(use overrides=['section.key=value'] for the rest)"
-            )
-        if value is not None:
-            flat[SHORTCUTS[key]] = value
-    nested: dict = {}
-    for key, value in flat.items():
-        section, field = key.split(".")
-        nested.setdefault(section, {})[field] = value
-    return nested
-
-
-def _check_batch_size(value) -> None:
-    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-        return
-    raise CnnkitError(f"data.batch_size must be a positive integer or 'auto', got {value!r}")
+def _resume_overrides(data_source, config, options: dict) -> list[str]:
+    """A resumed run keeps its saved config: only RESUME_OPTIONS (and overrides) may change it."""
+    given = [k for k, v in options.items() if v is not None and k not in RESUME_OPTIONS]
+    given += [name for name, v in (("data", data_source), ("config", config)) if v is not None]
+    if given:
+        raise CnnkitError(
+            f"--resume continues the run with its saved config; drop {', '.join(given)} "
+            "(section.key=value overrides and --epochs are allowed)"
+        )
+    return [f"{RESUME_OPTIONS[k]}={v}" for k, v in options.items() if v is not None]
 
 
 def _shared_run_dir(cfg: Config, data_name: str, dd) -> Path:
@@ -318,6 +241,7 @@ def _fit_in(
             resume=resume_state,
             stop_after=stop_after,
             allow_world_change=allow_world_change,
+            after_step=distributed.fault_hook(),
         )
     except (CnnkitError, KeyboardInterrupt) as e:
         if created and main and not (run_dir / CHECKPOINT).exists():
@@ -351,7 +275,7 @@ def _final_eval(
     if dataset is None:
         return None, None
     model = load_model(run_dir / MODEL_FILE, device=str(rt.device))
-    metrics = _score(model, dataset, cfg.data.batch_size, rt, cfg.data, cfg.train.tta)
+    metrics = score(model, dataset, cfg.data.batch_size, rt, cfg.data, cfg.train.tta)
     atomic_write_bytes(run_dir / f"{name}_metrics.json", json.dumps(metrics, indent=2).encode())
     return metrics, name
 
@@ -363,8 +287,6 @@ def _report_after_training(
     if split is None:
         print("note: no test or validation split to report on; no report.html written")
         return
-    from cnnkit.evaluation.report import write_report
-
     dataset = splits.test if split == "test" else splits.val
     try:
         model = load_model(run_dir / MODEL_FILE, device=str(rt.device))
@@ -385,8 +307,6 @@ def _resolve_auto_lr(cfg: Config, splits, model: nn.Module, rt: runtime.Runtime)
         return
     if lr != "auto":
         raise CnnkitError(f"optim.lr must be a number or 'auto', got '{lr}'")
-    from cnnkit.evaluation.lr_finder import lr_find_for_config
-
     found = lr_find_for_config(model, splits, cfg, rt)
     if found.suggestion is None:
         raise CnnkitError(
@@ -457,27 +377,6 @@ def _silent(text: str) -> None:
     pass
 
 
-def read_weights(path: str | Path) -> dict:
-    """A state dict from a cnnkit model file, a plain safetensors file or a torch .pt/.pth file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CnnkitError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as e:  # noqa: BLE001 - safetensors raises several types
-            raise CnnkitError(f"cannot read weights {path}: {e}") from None
-    state = load_checkpoint(path)
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise CnnkitError(f"{path} does not hold a state dict of tensors")
-    return state
-
-
 def model_meta(cfg: Config, splits, precision: str) -> dict:
     """What the model file must carry to be used without the training data or config;
     ``precision`` is the run's (fp32 | bf16 | fp16), the default for scoring and predicting."""
@@ -521,165 +420,6 @@ def _new_run_dir(cfg: Config, data_name: str) -> Path:
             number += 1
 
 
-def model_path(run_or_model: str | Path) -> Path:
-    """Accept a run folder or a model file; return the model file's path."""
-    path = Path(run_or_model)
-    if path.is_dir():
-        path = path / MODEL_FILE
-        if not path.is_file():
-            raise CnnkitError(
-                f"no {MODEL_FILE} in run folder {run_or_model}: did its training finish an epoch?"
-            )
-    elif not path.exists():
-        raise CnnkitError(f"model file or run folder not found: {run_or_model}")
-    return path
-
-
-def load_model(run_or_model: str | Path, device: str = "cpu") -> nn.Module:
-    """Rebuild a trained model from its model file (or run folder), in eval mode.
-
-    The returned module carries the file's metadata (classes, preprocessing...) as ``model.meta``.
-    Exported ``.onnx`` (ONNX Runtime, CPU) and TorchScript files load too, with the same ``.meta``.
-    """
-    path = model_path(run_or_model)
-    if is_exported(path):  # .onnx / TorchScript: same .meta, same call, another runtime
-        return load_exported(path)
-    state, meta = load_model_file(path)
-    model = models.create_model(
-        meta["arch"],
-        num_classes=len(meta["classes"]),
-        in_chans=meta["in_chans"],
-        **meta.get("kwargs", {}),
-    )
-    _check_shapes(model, state, meta, path)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CnnkitError(
-            f"{path}: weights do not fit architecture {meta['arch']}: "
-            f"{str(e).splitlines()[-1].strip()}"
-        ) from None
-    model.meta = meta
-    return model.to(runtime.resolve_device(device)).eval()
-
-
-def _check_shapes(model: nn.Module, state: dict, meta: dict, path: Path) -> None:
-    """A head whose size differs from the file's class list means the file was tampered with
-    or mixed up; say so in those terms rather than as a tensor size mismatch."""
-    expected = model.state_dict()
-    bad = [k for k, v in state.items() if k in expected and expected[k].shape != v.shape]
-    head = model.default_cfg["classifier"] + "."
-    if bad and all(k.startswith(head) for k in bad):
-        raise CnnkitError(
-            f"{path}: the classifier has {state[bad[0]].shape[0]} outputs but the "
-            f"file lists {len(meta['classes'])} classes; the file is inconsistent"
-        )
-
-
-def evaluate(
-    run_or_model: str | Path,
-    data_source: str | None = None,
-    *,
-    batch_size: int = 256,
-    device: str = "auto",
-    num_workers: int | None = None,
-    precision: str | None = None,
-) -> dict:
-    """Loss, top-1/top-5, per-class precision/recall/F1 and the confusion matrix.
-
-    Without ``data_source`` the run's own test split is used (its validation split when it has
-    no test split); that needs a run folder, not a bare model file. ``precision``: fp32, bf16,
-    fp16 or auto; default: the precision the run trained with.
-    """
-    model = load_model(run_or_model, device=device)
-    rt = runtime.for_model(model.meta, device, precision)
-    dataset, split = _eval_dataset(run_or_model, model, data_source)
-    metrics = _score(model, dataset, batch_size, rt, DataConfig(num_workers=num_workers))
-    metrics["split"] = split
-    return metrics
-
-
-def report(
-    run_dir: str | Path,
-    data_source: str | None = None,
-    *,
-    out_dir: str | Path | None = None,
-    batch_size: int = 256,
-    device: str = "auto",
-    num_workers: int | None = None,
-    precision: str | None = None,
-) -> Path:
-    """(Re)build a run's ``report.html`` and PNG figures; returns the HTML's path.
-
-    Scored on ``data_source`` when given, else on the run's own test (else val) split; written
-    to ``out_dir`` (default: the run folder); ``precision`` as for ``evaluate``.
-    """
-    from cnnkit.evaluation.report import check_run, write_report
-
-    run_dir = Path(run_dir)
-    check_run(run_dir)
-    model = load_model(run_dir, device=device)
-    rt = runtime.for_model(model.meta, device, precision)
-    dataset, split = _eval_dataset(run_dir, model, data_source)
-    return write_report(
-        run_dir, model, dataset, split, rt, out_dir=out_dir,
-        batch_size=batch_size, data_cfg=DataConfig(num_workers=num_workers),
-    )  # fmt: skip
-
-
-def _eval_dataset(run_or_model: str | Path, model: nn.Module, data_source: str | None):
-    """(dataset, split name): ``data_source`` mapped to the model's classes, else the run's own."""
-    if data_source is not None:
-        meta = model.meta
-        return data.build_eval(data_source, meta["classes"], meta["preprocessing"]), data_source
-    return _own_split(Path(run_or_model))
-
-
-def _own_split(run_dir: Path):
-    if run_dir.is_file():  # a model file inside a run folder (model.onnx...) scores on its run
-        run_dir = run_dir.parent
-    if not run_dir.is_dir() or not (run_dir / "config.yaml").is_file():
-        raise CnnkitError(f"{run_dir} is not a run folder; give the DATA to evaluate on")
-    cfg = load(run_dir / "config.yaml")
-    splits = data.build(cfg.data, seed=cfg.train.seed)
-    if splits.test is not None:
-        return splits.test, "test"
-    if splits.val is not None:
-        return splits.val, "val"
-    raise CnnkitError(
-        f"run {run_dir} has no test or validation split; give the DATA to evaluate on"
-    )
-
-
-def _score(
-    model: nn.Module,
-    dataset,
-    batch_size: int,
-    rt: runtime.Runtime,
-    data_cfg: DataConfig,
-    tta: str = "none",
-) -> dict:
-    model = model.to(rt.device, memory_format=rt.memory_format)
-    loader = run_loader(
-        dataset,
-        model.meta["preprocessing"],
-        None,
-        data_cfg,
-        batch_size,
-        train=False,
-        seed=0,
-        device=rt.device,
-        memory_format=rt.memory_format,
-    )
-    classes = model.meta["classes"]
-    raw = evaluate_loader(with_tta(model, tta), loader, rt, len(classes))
-    metrics = summarize(raw, classes)
-    metrics["precision"] = rt.precision
-    if tta != "none":
-        metrics["tta"] = tta
-    return metrics
-
-
 def lr_find(
     data_source: str | None = None,
     *,
@@ -687,33 +427,13 @@ def lr_find(
     overrides: list[str] | None = None,
     steps: int = 200,
     **options,
-):
+) -> LrFindResult:
     """Sweep the learning rate for the run these arguments (as for ``train``) describe; returns
     an ``LrFindResult`` (lrs, losses, smoothed losses, ``suggestion``, ``figure()``)."""
-    from cnnkit.evaluation.lr_finder import lr_find_for_config
-
-    cfg = resolve_config(data_source, config, overrides, **options)
+    cfg = resolve(data_source, config, overrides, **options)
     rt = runtime.resolve(cfg.runtime, cfg.train.deterministic)
     runtime.seed_everything(cfg.train.seed)
     splits = data.build(cfg.data, seed=cfg.train.seed)
     model = _build_model(cfg, splits)
     splits = _match_pretrained_normalisation(cfg, splits, model)
     return lr_find_for_config(model, splits, cfg, rt, steps=steps)
-
-
-def predict(
-    run_or_model: str | Path | nn.Module,
-    inputs,
-    *,
-    top_k: int = 5,
-    batch_size: int = 64,
-    device: str = "auto",
-    precision: str | None = None,
-) -> list[dict]:
-    """Top-k classes for image files, folders or glob patterns (or PIL images); ``precision``
-    as for ``evaluate``."""
-    from cnnkit.deploy.predictor import Predictor
-
-    model = run_or_model if isinstance(run_or_model, nn.Module) else load_model(run_or_model)
-    predictor = Predictor(model, device=device, precision=precision)
-    return predictor.predict(inputs, top_k=top_k, batch_size=batch_size)

@@ -1,0 +1,127 @@
+"""Scoring a trained model: ``evaluate`` (metrics on a labelled split), ``report`` (rebuild a run's
+report.html) and ``score``, the one pass both use and the end of training calls with the run's own
+runtime.
+
+Without data given, a run folder is scored on its own test split (its validation split when it has
+no test split), rebuilt from its ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from cnnkit import data
+from cnnkit.config import DataConfig, load
+from cnnkit.data.memory import run_loader
+from cnnkit.deploy.formats import load_model
+from cnnkit.engine import runtime
+from cnnkit.engine.loop import evaluate as evaluate_loader
+from cnnkit.errors import CnnkitError
+from cnnkit.evaluation.metrics import summarize
+from cnnkit.evaluation.report import check_run, write_report
+from cnnkit.evaluation.tta import with_tta
+from cnnkit.modelfile import run_folder_of
+
+
+def evaluate(
+    run_or_model: str | Path,
+    data_source: str | None = None,
+    *,
+    batch_size: int = 256,
+    device: str = "auto",
+    num_workers: int | None = None,
+    precision: str | None = None,
+) -> dict:
+    """Loss, top-1/top-5, per-class precision/recall/F1 and the confusion matrix.
+
+    Without ``data_source`` the run's own test split is used (its validation split when it has
+    no test split); that needs a run folder, not a bare model file. ``precision``: fp32, bf16,
+    fp16 or auto; default: the precision the run trained with.
+    """
+    model = load_model(run_or_model, device=device)
+    rt = runtime.for_model(model.meta, device, precision)
+    dataset, split = eval_dataset(run_or_model, model, data_source)
+    metrics = score(model, dataset, batch_size, rt, DataConfig(num_workers=num_workers))
+    metrics["split"] = split
+    return metrics
+
+
+def report(
+    run_dir: str | Path,
+    data_source: str | None = None,
+    *,
+    out_dir: str | Path | None = None,
+    batch_size: int = 256,
+    device: str = "auto",
+    num_workers: int | None = None,
+    precision: str | None = None,
+) -> Path:
+    """(Re)build a run's ``report.html`` and PNG figures; returns the HTML's path.
+
+    Scored on ``data_source`` when given, else on the run's own test (else val) split; written
+    to ``out_dir`` (default: the run folder); ``precision`` as for ``evaluate``.
+    """
+    run_dir = Path(run_dir)
+    check_run(run_dir)
+    model = load_model(run_dir, device=device)
+    rt = runtime.for_model(model.meta, device, precision)
+    dataset, split = eval_dataset(run_dir, model, data_source)
+    return write_report(
+        run_dir, model, dataset, split, rt, out_dir=out_dir,
+        batch_size=batch_size, data_cfg=DataConfig(num_workers=num_workers),
+    )  # fmt: skip
+
+
+def eval_dataset(run_or_model: str | Path, model: nn.Module, data_source: str | None):
+    """(dataset, split name): ``data_source`` mapped to the model's classes, else the run's own."""
+    if data_source is not None:
+        meta = model.meta
+        return data.build_eval(data_source, meta["classes"], meta["preprocessing"]), data_source
+    return _own_split(run_folder_of(run_or_model))
+
+
+def _own_split(run_dir: Path):
+    if not run_dir.is_dir() or not (run_dir / "config.yaml").is_file():
+        raise CnnkitError(f"{run_dir} is not a run folder; give the DATA to evaluate on")
+    cfg = load(run_dir / "config.yaml")
+    splits = data.build(cfg.data, seed=cfg.train.seed)
+    if splits.test is not None:
+        return splits.test, "test"
+    if splits.val is not None:
+        return splits.val, "val"
+    raise CnnkitError(
+        f"run {run_dir} has no test or validation split; give the DATA to evaluate on"
+    )
+
+
+def score(
+    model: nn.Module,
+    dataset,
+    batch_size: int,
+    rt: runtime.Runtime,
+    data_cfg: DataConfig,
+    tta: str = "none",
+) -> dict:
+    """Metrics of ``model`` (with ``.meta``) on ``dataset``, computed on ``rt``; the dict names the
+    precision it was computed in."""
+    model = model.to(rt.device, memory_format=rt.memory_format)
+    loader = run_loader(
+        dataset,
+        model.meta["preprocessing"],
+        None,
+        data_cfg,
+        batch_size,
+        train=False,
+        seed=0,
+        device=rt.device,
+        memory_format=rt.memory_format,
+    )
+    classes = model.meta["classes"]
+    raw = evaluate_loader(with_tta(model, tta), loader, rt, len(classes))
+    metrics = summarize(raw, classes)
+    metrics["precision"] = rt.precision
+    if tta != "none":
+        metrics["tta"] = tta
+    return metrics
