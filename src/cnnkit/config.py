@@ -84,6 +84,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    task: Literal["classification"] = "classification"  # what is learned (cnnkit.tasks)
     recipe: Literal["default", "speedrun"] = "default"  # a preset under your own settings
     epochs: int = 20
     seed: int = 0

@@ -72,37 +72,3 @@ def preset(name: str, batch_size: int | None = None) -> dict:
     if name not in RECIPES:
         raise CnnkitError(f"unknown recipe '{name}'; choose from {', '.join(RECIPES)}")
     return RECIPES[name](batch_size)
-
-
-def check_data(cfg, splits) -> None:
-    """Refuse data a recipe cannot train; say what it resized."""
-    if cfg.train.recipe != "speedrun":
-        return
-    side = SPEEDRUN_SIDE
-    if tuple(splits.input_size) != (side, side):
-        raise CnnkitError(
-            f"the speedrun recipe trains at {side}x{side} but data.input_size is "
-            f"{cfg.data.input_size}; drop data.input_size or use --recipe default"
-        )
-    native = _native_size(splits.train)
-    if native is not None and native != (side, side):
-        print(
-            f"note: speedrun recipe: images of {native[0]}x{native[1]} are resized to "
-            f"{side}x{side}; the recipe is tuned for CIFAR-like 32x32 data"
-        )
-    if splits.test is None and splits.val is None:
-        print("note: no test or validation split: the run ends without a score")
-
-
-def _native_size(dataset) -> tuple[int, int] | None:
-    """(H, W) of the first training image (in-memory tensor or file header)."""
-    from cnnkit.data.images import image_info
-
-    images = getattr(dataset, "images", None)
-    if images is not None:
-        return tuple(images.shape[-2:])
-    paths = getattr(dataset, "paths", None)
-    if paths:
-        width, height, _ = image_info(paths[0])
-        return height, width
-    return None

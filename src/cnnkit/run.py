@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cnnkit import __version__, data, models, recipes
+from cnnkit import __version__, data, models, recipes, tasks
 from cnnkit.config import Config, from_dict, load, resolve
+from cnnkit.data import images as image_files
 from cnnkit.deploy.formats import load_model
 from cnnkit.engine import distributed, runtime
 from cnnkit.engine.checkpoint import load_latest
@@ -97,7 +98,7 @@ def train(
     rt = run_runtime(cfg)
     runtime.seed_everything(cfg.train.seed)
     splits = _build_data(cfg)
-    recipes.check_data(cfg, splits)
+    _check_recipe_data(cfg, splits)
     model = _build_model(cfg, splits)
     splits = _match_pretrained_normalisation(cfg, splits, model)
     if cfg.data.batch_size == "auto":
@@ -238,6 +239,7 @@ def _fit_in(
             run_dir,
             model_meta(cfg, splits, rt.precision),
             rt,
+            tasks.get(cfg.train.task),
             resume=resume_state,
             stop_after=stop_after,
             allow_world_change=allow_world_change,
@@ -381,6 +383,7 @@ def model_meta(cfg: Config, splits, precision: str) -> dict:
     """What the model file must carry to be used without the training data or config;
     ``precision`` is the run's (fp32 | bf16 | fp16), the default for scoring and predicting."""
     return {
+        "task": cfg.train.task,
         "arch": cfg.model.name,
         "kwargs": cfg.model.kwargs,
         "num_classes": len(splits.classes),
@@ -437,3 +440,35 @@ def lr_find(
     model = _build_model(cfg, splits)
     splits = _match_pretrained_normalisation(cfg, splits, model)
     return lr_find_for_config(model, splits, cfg, rt, steps=steps)
+
+
+def _check_recipe_data(cfg: Config, splits) -> None:
+    """Refuse data a recipe cannot train; say what it resized."""
+    if cfg.train.recipe != "speedrun":
+        return
+    side = recipes.SPEEDRUN_SIDE
+    if tuple(splits.input_size) != (side, side):
+        raise CnnkitError(
+            f"the speedrun recipe trains at {side}x{side} but data.input_size is "
+            f"{cfg.data.input_size}; drop data.input_size or use --recipe default"
+        )
+    native = _native_size(splits.train)
+    if native is not None and native != (side, side):
+        print(
+            f"note: speedrun recipe: images of {native[0]}x{native[1]} are resized to "
+            f"{side}x{side}; the recipe is tuned for CIFAR-like 32x32 data"
+        )
+    if splits.test is None and splits.val is None:
+        print("note: no test or validation split: the run ends without a score")
+
+
+def _native_size(dataset) -> tuple[int, int] | None:
+    """(H, W) of the first training image (in-memory tensor or file header)."""
+    images = getattr(dataset, "images", None)
+    if images is not None:
+        return tuple(images.shape[-2:])
+    paths = getattr(dataset, "paths", None)
+    if paths:
+        width, height, _ = image_files.image_info(paths[0])
+        return height, width
+    return None

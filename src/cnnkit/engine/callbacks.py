@@ -9,6 +9,7 @@ import io
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -201,11 +202,13 @@ PLAIN_EVERY_S = 30.0  # plain mode: a progress line within long epochs at most t
 
 class Progress:
     """A progress bar per epoch on a terminal; plain log lines otherwise (CI, pipes, --quiet):
-    one per epoch, plus one every ``PLAIN_EVERY_S`` seconds inside long epochs."""
+    one per epoch, plus one every ``PLAIN_EVERY_S`` seconds inside long epochs. ``shown``: the
+    metrics.csv fields an epoch's line prints (the task's); a running line prints the fields of
+    the training summary."""
 
-    def __init__(self, mode: str, epochs: int):
+    def __init__(self, mode: str, epochs: int, shown: Sequence[str] = ("train_loss", "val_loss")):
         self.bar = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
-        self.epochs = epochs
+        self.epochs, self.shown = epochs, tuple(shown)
         self._live = None
 
     def start_epoch(self, epoch: int, steps: int) -> None:
@@ -230,8 +233,9 @@ class Progress:
         if self._live is None and now - self._last_line < PLAIN_EVERY_S:
             return
         elapsed = now - self._t0
+        fields = [f"{k} {v:.4f}" for k, v in running.items() if k not in ("lr", "images")]
         info = (
-            f"loss {running['loss']:.4f} acc {running['acc']:.3f} lr {running['lr']:.3g} "
+            f"{'  '.join(fields)} lr {running['lr']:.3g} "
             f"{running['images'] / max(elapsed, 1e-9):.0f} img/s"
         )
         if self._live is not None:
@@ -249,7 +253,7 @@ class Progress:
         if self._live is not None:
             self._live.stop()
             self._live = None
-        print(format_row(row, self.epochs), flush=True)
+        print(format_row(row, self.epochs, self.shown), flush=True)
 
     def message(self, text: str) -> None:
         print(text, flush=True)
@@ -279,9 +283,9 @@ class SilentProgress(Progress):
         pass
 
 
-def format_row(row: dict, epochs: int) -> str:
+def format_row(row: dict, epochs: int, shown: Sequence[str]) -> str:
     parts = [f"epoch {row['epoch']}/{epochs}"]
-    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc"):
+    for key in shown:
         if key in row and row[key] == row[key]:  # skip NaN (no validation split)
             parts.append(f"{key} {row[key]:.4f}")
     parts.append(f"lr {row['lr']:.3g}")

@@ -23,10 +23,8 @@ import torch
 from torch import nn
 
 from cnnkit.config import Config
-from cnnkit.data.doctor import IMBALANCE_RATIO
 from cnnkit.data.loader import EpochSampler
 from cnnkit.data.memory import run_loader
-from cnnkit.data.transforms import batch_mix
 from cnnkit.engine import distributed, runtime
 from cnnkit.engine.callbacks import (
     BestTracker,
@@ -46,8 +44,8 @@ from cnnkit.engine.loop import (
 )
 from cnnkit.engine.optim import EPOCH_SCHEDULERS, create_optimizer, create_scheduler
 from cnnkit.errors import CnnkitError
-from cnnkit.evaluation.metrics import per_class
 from cnnkit.modelfile import MODEL_FILE, save_model_file
+from cnnkit.tasks import Task
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
 INIT_SAMPLE = 5000  # training images shown to a model's init_from_data (airbench whitens on 5000)
@@ -72,6 +70,7 @@ def fit(
     run_dir: Path,
     model_meta: dict,
     rt: runtime.Runtime,
+    task: Task,
     *,
     resume: dict | None = None,
     stop_after: int | None = None,
@@ -81,7 +80,8 @@ def fit(
     """Train ``model`` on ``splits`` as ``cfg`` says, writing everything into ``run_dir``.
 
     ``model_meta`` is stored in the model file (architecture, classes, preprocessing). ``rt`` is
-    the run's one resolved runtime (device, precision, layout, compile; ``runtime.resolve``).
+    the run's one resolved runtime (device, precision, layout, compile; ``runtime.resolve``);
+    ``task`` supplies the loss, the metrics, class balancing and batch mixing (``cnnkit.tasks``).
     ``resume`` is a checkpoint dict to continue from; ``stop_after`` ends this call after that
     many epochs (the run can be resumed later), for time-boxed jobs. ``after_step(epoch, step)``
     is called after every training step (fault-injection tests use it). In a distributed run
@@ -92,11 +92,11 @@ def fit(
     dd = distributed.current()
     model = model.to(rt.device, memory_format=rt.memory_format)
     num_classes = len(splits.classes)
-    balance, counts, imbalanced = _balance(tc.balance, splits.train.targets, num_classes)
-    progress = Progress(tc.progress, tc.epochs) if dd.main else SilentProgress(tc.epochs)
-    weights = (
-        (1.0 / counts)[torch.as_tensor(splits.train.targets)] if balance == "sampler" else None
+    balance = task.balance(tc.balance, splits.train.targets, num_classes)
+    progress = (
+        Progress(tc.progress, tc.epochs, task.shown) if dd.main else SilentProgress(tc.epochs)
     )
+    weights = balance.sample_weights
     train_loader = _loader(splits, splits.train, cfg, rt, progress.message, dd, weights)
     has_val = splits.val is not None
     val_loader = _loader(splits, splits.val, cfg, rt, progress.message, dd) if has_val else None
@@ -106,14 +106,16 @@ def fit(
     optimizer = create_optimizer(model, cfg.optim, cfg.data.batch_size * dd.world_size)
     scheduler = create_scheduler(optimizer, cfg.optim, tc.epochs, len(train_loader))
     per_step = cfg.optim.scheduler not in EPOCH_SCHEDULERS
-    class_weight = _class_weights(counts).to(rt.device) if balance == "loss" else None
+    class_weights = balance.class_weights
+    class_weights = class_weights.to(rt.device) if class_weights is not None else None
+    val_loss = task.loss(0.0, None)  # validation scores the plain loss, without smoothing
     tools = StepTools(
         optimizer=optimizer,
-        loss_fn=nn.CrossEntropyLoss(weight=class_weight, label_smoothing=tc.label_smoothing),
+        loss_fn=task.loss(tc.label_smoothing, class_weights),
         scheduler=scheduler if per_step else None,
         scaler=rt.grad_scaler(),
         grad_clip=tc.grad_clip,
-        mix=batch_mix(cfg.data, num_classes),
+        mix=task.mix(cfg.data, num_classes),
         ema=weight_averager(model, tc, tc.epochs * len(train_loader)),
         note=progress.message,
         nan_policy=tc.nan_policy,
@@ -131,7 +133,7 @@ def fit(
     progress.message(
         f"training {model_meta['arch']} on {splits.name}: "
         f"{len(splits.train)} train / {len(splits.val) if splits.val else 0} val "
-        f"images, {num_classes} classes, {rt.describe()}, balance {balance}, "
+        f"images, {num_classes} classes, {rt.describe()}, balance {balance.mode}, "
         f"epochs {start + 1}..{tc.epochs}"
         + (f" (from step {start_step})" if start_step else "")
         + (f", {dd.world_size} processes" if dd.enabled else "")
@@ -149,7 +151,8 @@ def fit(
     stop = tools.stop = StopRequest().install()
     try:
         for epoch in range(start, tc.epochs):
-            _set_frozen(model, frozen=epoch < tc.freeze_epochs)
+            if tc.freeze_epochs:
+                _set_frozen(model, frozen=epoch < tc.freeze_epochs)
             torch.manual_seed(runtime.epoch_seed(tc.seed, epoch))  # dropout, MixUp draws
             skip = start_step if epoch == start else 0  # steps already done (resumed mid-epoch)
             _set_epoch(train_loader, epoch, skip)
@@ -158,24 +161,30 @@ def fit(
             lr = partial["lr"] if skip else optimizer.param_groups[0]["lr"]
             progress.start_epoch(epoch, len(train_loader))
             tools.after_step = functools.partial(after_step, epoch) if after_step else None
+            metrics = task.metrics(num_classes, rt.device, train=True)
+            if skip and dd.main:  # the interrupted epoch's sums so far (saved by rank 0)
+                sums = metrics.sums()
+                sums.add_(torch.tensor(partial["sums"], dtype=sums.dtype, device=sums.device))
             try:
-                train = train_one_epoch(train_model, train_loader, tools, rt, progress.step)
+                train = train_one_epoch(
+                    train_model, train_loader, tools, rt, metrics, progress.step
+                )
             except Stopped as s:
-                totals = _add_totals(partial if skip else None, s.totals, lr)
-                save(epoch, step=skip + s.steps, partial=totals)
+                save(epoch, step=skip + s.steps, partial={"sums": s.totals, "lr": lr})
                 raise Interrupted(stop.signum, _stopped(run_dir, epoch, skip + s.steps)) from None
             except NonFiniteLoss as e:
                 files = _batch_files(train_loader, splits.train, e.step)
                 raise CnnkitError(_non_finite_message(e, epoch, skip, files, tc)) from None
-            if skip:
-                train = _merge(train, partial)
             if rt.compile and epoch == start:
                 progress.message(f"compile warm-up: {train['first_step']:.1f} s (first step)")
             eval_model = tools.ema.module if tools.ema is not None else model
-            val = evaluate(eval_model, val_loader, rt, num_classes) if val_loader else None
-            row = _row(epoch, train, val, lr)
-            if imbalanced and val is not None:
-                row.update(_class_recalls(val["confusion"], splits.classes))
+            val = None
+            if val_loader is not None:
+                val_metrics = task.metrics(num_classes, rt.device, train=False)
+                val = evaluate(eval_model, val_loader, rt, val_metrics, val_loss)
+            row = _row(epoch, train, val, lr, task)
+            if val is not None:
+                row.update(task.val_extras(val, splits.classes, balance))
             if not per_step:
                 scheduler.step(tracker.score(row))
             improved = val is None or tracker.update(row, epoch + 1)
@@ -248,58 +257,6 @@ def _init_from_data(model: nn.Module, loader, rt: runtime.Runtime) -> dict:
     return {"init_from_data": time.perf_counter() - start}
 
 
-def _balance(mode: str, targets, num_classes: int) -> tuple[str, torch.Tensor, bool]:
-    """(balance used, class counts (float), imbalanced?); "auto" samples balanced batches when
-    the largest class is IMBALANCE_RATIO times the smallest or more. Streamed shards list no
-    labels up front: no balancing there (asking for it is an error)."""
-    if len(targets) == 0:
-        if mode in ("sampler", "loss"):
-            raise CnnkitError(
-                f"--balance {mode} needs every training image's class up front; data streamed "
-                "from shards has none: use --balance none"
-            )
-        return "none", torch.ones(num_classes, dtype=torch.float64), False
-    counts = torch.bincount(
-        torch.as_tensor(targets, dtype=torch.long), minlength=num_classes
-    ).double()
-    present = counts[counts > 0]
-    imbalanced = bool(present.max() >= IMBALANCE_RATIO * present.min())
-    if mode == "auto":
-        mode = "sampler" if imbalanced else "none"
-    return mode, counts.clamp_min(1), imbalanced
-
-
-def _class_weights(counts: torch.Tensor) -> torch.Tensor:
-    """Loss weight per class, n / (k * count): each class contributes equally on average."""
-    return (counts.sum() / (len(counts) * counts)).float()
-
-
-def _class_recalls(confusion: torch.Tensor, classes: list[str]) -> dict:
-    rows = [r for r in per_class(confusion, classes) if r["support"] > 0]
-    out = {"val_balanced_acc": sum(r["recall"] for r in rows) / max(len(rows), 1)}
-    out.update({f"val_recall_{r['class']}": r["recall"] for r in rows})
-    return out
-
-
-def _add_totals(before: dict | None, totals: dict, lr: float) -> dict:
-    """Sums of an interrupted epoch's steps so far (across several interruptions)."""
-    out = {"loss_sum": totals["loss_sum"], "correct": totals["correct"], "seen": totals["seen"]}
-    if before is not None:
-        out = {k: out[k] + before[k] for k in out}
-    return {**out, "lr": lr}
-
-
-def _merge(train: dict, partial: dict) -> dict:
-    """The epoch's metrics over the steps before and after an interruption."""
-    seen = train["images"] + partial["seen"]
-    return {
-        **train,
-        "loss": (train["loss"] * train["images"] + partial["loss_sum"]) / seen,
-        "acc": (train["acc"] * train["images"] + partial["correct"]) / seen,
-        "images": seen,
-    }
-
-
 def _stopped(run_dir: Path, epochs_done: int, step: int) -> str:
     where = f"epoch {epochs_done + 1} step {step}" if step else f"the end of epoch {epochs_done}"
     return f"stopped at {where}; checkpoint saved; continue with: cnnkit train --resume {run_dir}"
@@ -369,15 +326,14 @@ def _set_frozen(model: nn.Module, frozen: bool) -> None:
         p.requires_grad_(not frozen or id(p) in head)
 
 
-def _row(epoch: int, train: dict, val: dict | None, lr: float) -> dict:
+def _row(epoch: int, train: dict, val: dict | None, lr: float, task: Task) -> dict:
+    """One metrics.csv row: the task's fields of the epoch's train and val summaries, then the
+    lr and speed (NaN where there is no validation split)."""
     nan = float("nan")
     return {
         "epoch": epoch + 1,
-        "train_loss": train["loss"],
-        "train_acc": train["acc"],
-        "val_loss": val["loss"] if val else nan,
-        "val_acc": val["acc"] if val else nan,
-        "val_acc5": val["acc5"] if val else nan,
+        **{f"train_{k}": train[k] for k in task.train_fields},
+        **{f"val_{k}": val[k] if val else nan for k in task.val_fields},
         "lr": lr,
         "epoch_time": train["seconds"],
         "images_per_s": train["images"] / max(train["seconds"], 1e-9),

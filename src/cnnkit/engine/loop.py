@@ -26,6 +26,7 @@ from torch import nn
 from cnnkit.engine import distributed
 from cnnkit.engine.runtime import Runtime
 from cnnkit.errors import CnnkitError
+from cnnkit.tasks import Metrics
 
 REFRESH_SECONDS = 1.0  # progress refresh interval: reading the running loss costs a device sync
 
@@ -60,9 +61,10 @@ class NonFiniteLoss(Exception):
 
 
 class Stopped(Exception):
-    """``StepTools.stop`` asked to stop; ``steps`` steps were applied, ``totals`` sums them."""
+    """``StepTools.stop`` asked to stop; ``steps`` steps were applied, ``totals`` holds their
+    metric sums (``Metrics.sums`` as a list)."""
 
-    def __init__(self, steps: int, totals: dict):
+    def __init__(self, steps: int, totals: list[float]):
         super().__init__(f"stopped after step {steps}")
         self.steps, self.totals = steps, totals
 
@@ -72,52 +74,38 @@ def train_one_epoch(
     loader,
     tools: StepTools,
     rt: Runtime,
+    metrics: Metrics,
     progress: Callable[[int, dict], None] | None = None,
 ) -> dict:
-    """Train for one pass over ``loader``; returns loss, acc, images, seconds."""
+    """Train for one pass over ``loader``; returns the task's ``metrics`` summary (summed over
+    processes) plus images, seconds, first_step and skipped_steps."""
     model.train()
-    loss_sum = torch.zeros((), device=rt.device)
-    correct = torch.zeros((), device=rt.device, dtype=torch.long)
     seen, start = 0, time.perf_counter()
     first_step, last_refresh = None, start
     skipped_before = tools.skipped + int(tools.overflow)  # one read per epoch, not per step
     for step, (images, labels) in enumerate(loader):
         # checked before a step, not after, so a stop during the last step ends the epoch normally
         if step and tools.stop is not None and tools.stop():
-            totals = {"loss_sum": loss_sum.item(), "correct": correct.item(), "seen": seen}
-            raise Stopped(step, totals)
+            raise Stopped(step, metrics.sums().tolist())
         images, labels = rt.to_device(images), labels.to(rt.device, non_blocking=True)
-        loss, logits = _train_step(model, images, labels, tools, rt, step)
+        loss, outputs = _train_step(model, images, labels, tools, rt, step)
         if loss is not None:  # None: skipped for a non-finite loss
-            loss_sum += loss.detach() * labels.shape[0]
-            correct += (logits.detach().argmax(1) == labels).sum()
+            metrics.update(loss, outputs.detach(), labels)
             seen += labels.shape[0]
         if tools.after_step is not None:
             tools.after_step(step)
         now = time.perf_counter()
         if first_step is None:
             first_step = now - start  # includes compilation when the model is compiled
-        if progress is not None and now - last_refresh >= REFRESH_SECONDS:
+        if progress is not None and now - last_refresh >= REFRESH_SECONDS and seen:
             last_refresh = now
-            progress(
-                step + 1,
-                {
-                    "loss": loss_sum.item() / seen,
-                    "acc": correct.item() / seen,
-                    "images": seen,
-                    "lr": tools.optimizer.param_groups[0]["lr"],
-                },
-            )
-    seconds = time.perf_counter() - start
+            running = metrics.summary(metrics.sums())  # a device sync, once a second at most
+            progress(step + 1, {**running, "lr": tools.optimizer.param_groups[0]["lr"]})
     # sums over all processes of a distributed run (one message per epoch)
-    totals = torch.stack([loss_sum.double(), correct.double(), loss_sum.new_tensor(seen).double()])
-    loss_total, correct_total, seen = distributed.sum_(totals).tolist()
-    seen = max(seen, 1)
+    summary = metrics.summary(distributed.sum_(metrics.sums()))
     return {
-        "loss": loss_total / seen,
-        "acc": correct_total / seen,
-        "images": int(seen),
-        "seconds": seconds,
+        **summary,
+        "seconds": time.perf_counter() - start,
         "first_step": first_step or 0.0,
         "skipped_steps": tools.skipped + int(tools.overflow) - skipped_before,
     }
@@ -188,7 +176,7 @@ def _forward_backward(model, images, targets, tools: StepTools, rt: Runtime):
     tools.optimizer.zero_grad(set_to_none=True)
     if tools.accum == 1:
         with rt.autocast():
-            logits = model(images)  # (B, num_classes)
+            logits = model(images)  # (B, num_classes) for classification
             loss = tools.loss_fn(logits.float(), targets)
         _backward(loss, tools)
         return loss, logits
@@ -231,33 +219,13 @@ def _clip(model: nn.Module, max_norm: float | None) -> None:
 
 
 @torch.inference_mode()
-def evaluate(
-    model: nn.Module, loader, rt: Runtime, num_classes: int, loss_fn: nn.Module | None = None
-) -> dict:
-    """Loss, top-1, top-5 and the confusion matrix (rows: true class, columns: predicted)."""
+def evaluate(model: nn.Module, loader, rt: Runtime, metrics: Metrics, loss_fn: nn.Module) -> dict:
+    """One pass over ``loader`` without gradients; the task's ``metrics`` summary (this process's
+    data only: validation reads the whole split in every process)."""
     model.eval()
-    loss_fn = loss_fn or nn.CrossEntropyLoss()
-    loss_sum = torch.zeros((), device=rt.device)
-    top5 = torch.zeros((), device=rt.device, dtype=torch.long)
-    confusion = torch.zeros(num_classes * num_classes, device=rt.device, dtype=torch.long)
-    seen = 0
-    k = min(5, num_classes)
     for images, labels in loader:
         images, labels = rt.to_device(images), labels.to(rt.device, non_blocking=True)
         with rt.autocast():
-            logits = model(images).float()
-        loss_sum += loss_fn(logits, labels) * labels.shape[0]
-        top5 += (logits.topk(k, dim=1).indices == labels[:, None]).any(1).sum()
-        confusion += torch.bincount(
-            labels * num_classes + logits.argmax(1), minlength=num_classes * num_classes
-        )
-        seen += labels.shape[0]
-    confusion = confusion.view(num_classes, num_classes).cpu()
-    seen = max(seen, 1)
-    return {
-        "loss": loss_sum.item() / seen,
-        "acc": confusion.diag().sum().item() / seen,
-        "acc5": top5.item() / seen,
-        "images": seen,
-        "confusion": confusion,
-    }
+            outputs = model(images).float()
+        metrics.update(loss_fn(outputs, labels), outputs, labels)
+    return metrics.summary(metrics.sums())

@@ -12,17 +12,17 @@ from pathlib import Path
 
 from torch import nn
 
-from cnnkit import data
+from cnnkit import data, tasks
 from cnnkit.config import DataConfig, load
 from cnnkit.data.memory import run_loader
 from cnnkit.deploy.formats import load_model
 from cnnkit.engine import runtime
 from cnnkit.engine.loop import evaluate as evaluate_loader
 from cnnkit.errors import CnnkitError
-from cnnkit.evaluation.metrics import summarize
 from cnnkit.evaluation.report import check_run, write_report
 from cnnkit.evaluation.tta import with_tta
 from cnnkit.modelfile import run_folder_of
+from cnnkit.tasks.classification import summarize
 
 
 def evaluate(
@@ -119,7 +119,11 @@ def score(
         memory_format=rt.memory_format,
     )
     classes = model.meta["classes"]
-    raw = evaluate_loader(with_tta(model, tta), loader, rt, len(classes))
+    task = tasks.get(model.meta.get("task", "classification"))
+    raw = evaluate_loader(
+        with_tta(model, tta), loader, rt, task.metrics(len(classes), rt.device, train=False),
+        task.loss(0.0, None),
+    )  # fmt: skip
     metrics = summarize(raw, classes)
     metrics["precision"] = rt.precision
     if tta != "none":
