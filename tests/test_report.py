@@ -21,7 +21,6 @@ SECTIONS = [
     "config", "environment",
 ]  # fmt: skip
 FIGURES = ["curves.png", "confusion.png", "reliability.png", "gradcam.png"]
-CHROMIUM = "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
@@ -41,38 +40,20 @@ def test_training_writes_self_contained_report(digits_run):
     assert html.count('src="data:image/png;base64,') >= len(FIGURES)
 
 
-def _chromium():
-    """Playwright's sync API and a browser binary, or a skip saying which is missing."""
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright (python) is not installed")
-    if not os.path.exists(CHROMIUM) and not shutil.which("chromium"):
-        pytest.skip(f"no Chromium browser installed (looked for {CHROMIUM} and chromium on PATH)")
-    return sync_playwright, CHROMIUM if os.path.exists(CHROMIUM) else shutil.which("chromium")
-
-
-def test_report_renders_in_headless_chromium(digits_run, tmp_path):
-    sync_playwright, executable = _chromium()
+def test_report_renders_in_headless_chromium(digits_run, tmp_path, chromium):
     requests: list[str] = []
     artifacts = Path(os.environ.get("CNNKIT_TEST_ARTIFACTS", tmp_path))
     artifacts.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=executable,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.on("request", lambda r: requests.append(r.url))
-        page.goto((digits_run / "report.html").resolve().as_uri())
-        page.wait_for_load_state("load")
-        widths = page.eval_on_selector_all(
-            "img", "imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)"
-        )
-        sections = page.eval_on_selector_all("section", "s => s.map(e => e.id)")
-        headings = page.eval_on_selector_all("h2", "h => h.map(e => e.textContent)")
-        page.screenshot(path=str(artifacts / "report.png"), full_page=True)
-        browser.close()
+    page = chromium.new_page(viewport={"width": 1280, "height": 900})
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto((digits_run / "report.html").resolve().as_uri())
+    page.wait_for_load_state("load")
+    widths = page.eval_on_selector_all(
+        "img", "imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)"
+    )
+    sections = page.eval_on_selector_all("section", "s => s.map(e => e.id)")
+    headings = page.eval_on_selector_all("h2", "h => h.map(e => e.textContent)")
+    page.screenshot(path=str(artifacts / "report.png"), full_page=True)
     assert len(widths) >= len(FIGURES) and all(w > 0 for w in widths), widths
     assert sections == SECTIONS
     assert "Per class (worst first)" in headings
