@@ -151,3 +151,47 @@ def test_hundred_classes_confusion_is_cut_to_the_most_confused(tmp_path):
 
     picked = confusion_classes(np.asarray(m["confusion"]))
     assert len(picked) == 30 and {3, 7} <= set(picked)
+
+
+def test_grid_captions_stay_in_their_cells():
+    """CIFAR-10 captions ("automobile") used to run into the neighbouring caption; a user's very
+    long class name must not either. Measured on the drawn figure, as the PNG shows it."""
+    from itertools import combinations
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from cnnkit.evaluation import plots
+
+    names = [
+        "automobile",
+        "airplane",
+        "cat",
+        "automobile",
+        "snow_leopard_on_a_rocky_mountain_slope",
+    ]
+    captions = [
+        f"img_{i:05d}_front_view.png\ntrue {names[i]} p=0.04\npred {names[-1 - i]} p=0.93"
+        for i in range(len(names))
+    ] + ["true automobile\npred airplane p=0.93"] * 3
+    images = [np.full((32, 32, 3), 0.5)] * len(captions)
+    fig = plots.image_grid(images, captions, cols=4)
+    canvas = FigureCanvasAgg(fig)  # what png() renders with
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    ax = fig.axes[0]
+    texts = ax.texts
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    for a, b in combinations(range(len(boxes)), 2):
+        assert not boxes[a].overlaps(boxes[b]), (texts[a].get_text(), texts[b].get_text())
+    cell_w, cell_h = plots.TILE + 2 * plots.GAP, plots.TILE + plots.CAPTION + plots.GAP
+    for n, box in enumerate(boxes):
+        row, col = divmod(n, 4)
+        # the cell's left and right edges, and the tile's top, in display pixels (y up)
+        (x0, tile_top), (x1, _) = ax.transData.transform(
+            [(col * cell_w, row * cell_h + plots.CAPTION), ((col + 1) * cell_w, 0)]
+        )
+        assert x0 <= box.x0 and box.x1 <= x1, (n, box)
+        assert tile_top <= box.y0 and box.y1 <= fig.bbox.y1, (n, box)
+    sizes = [t.get_fontsize() for t in texts]
+    assert sizes[-1] == plots.CAPTION_FONT  # a short caption keeps its size
+    assert min(sizes) >= 5, sizes  # the long name is cut, not shrunk to illegible
