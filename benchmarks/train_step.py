@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import cnnkit
+from cnnkit import tasks
 from cnnkit.config import RuntimeConfig
 from cnnkit.engine import runtime
 from cnnkit.engine.loop import StepTools, train_one_epoch
@@ -137,13 +138,15 @@ def fit_loop_overhead(model_name, shape, classes, device, steps: int, repeats: i
         )
         for _ in range(steps)
     ]
-    tools = StepTools(optimizer=opts[1], loss_fn=nn.CrossEntropyLoss(label_smoothing=0.1))
+    task = tasks.get("classification")
+    tools = StepTools(optimizer=opts[1], loss_fn=task.loss(0.1, None))
     hand, ours = [], []
     hand_loop(models[0], opts[0], batches[:2], rt)  # warm-up
-    train_one_epoch(models[1], batches[:2], tools, rt)
+    train_one_epoch(models[1], batches[:2], tools, rt, task.metrics(classes, device, train=True))
     for _ in range(repeats):
         hand.append(hand_loop(models[0], opts[0], batches, rt))
-        ours.append(train_one_epoch(models[1], batches, tools, rt)["seconds"] / steps)
+        metrics = task.metrics(classes, device, train=True)
+        ours.append(train_one_epoch(models[1], batches, tools, rt, metrics)["seconds"] / steps)
     h, o = statistics.median(hand), statistics.median(ours)
     print(
         f"  fit loop, both in {rt.describe()}: cnnkit train_one_epoch {o * 1e3:.1f} ms/step, "

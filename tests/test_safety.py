@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import cnnkit
-from cnnkit import data
+from cnnkit import data, tasks
 from cnnkit.cli.main import run
 from cnnkit.config import resolve as resolve_config
 from cnnkit.data.sources import FileImageDataset
@@ -242,10 +242,11 @@ def _poisoned_run(tmp_path, policy: str):
     meta = {"arch": "simple_cnn"}
     run_dir = tmp_path / "run"
     rt = runtime.resolve(cfg.runtime)
-    fit(model, splits, cfg, run_dir, meta, rt, stop_after=1)
+    task = tasks.get("classification")
+    fit(model, splits, cfg, run_dir, meta, rt, task, stop_after=1)
     _Poisoned.poison = True  # the tests set it back
     state = load_checkpoint(run_dir / "checkpoints/last.pt")
-    return run_dir, lambda: fit(model, splits, cfg, run_dir, meta, rt, resume=state)
+    return run_dir, lambda: fit(model, splits, cfg, run_dir, meta, rt, task, resume=state)
 
 
 def test_nan_batch_stops_naming_step_and_files(tmp_path):

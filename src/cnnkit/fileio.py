@@ -41,6 +41,15 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def commit(tmp: str | Path, path: str | Path) -> None:
+    """Move a finished temporary file (written by a library that saves to a path: ONNX,
+    TorchScript, tar shards) over ``path`` durably: fsync it, ``os.replace``, fsync the folder."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
+
+
 def fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)

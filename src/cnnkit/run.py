@@ -23,6 +23,7 @@ from torch import nn
 
 from cnnkit import __version__, data, models, recipes, tasks
 from cnnkit.config import Config, from_dict, load, resolve
+from cnnkit.data import cache
 from cnnkit.data import images as image_files
 from cnnkit.deploy.formats import load_model
 from cnnkit.engine import distributed, runtime
@@ -146,16 +147,20 @@ def _shared_run_dir(cfg: Config, data_name: str, dd) -> Path:
     path, error = distributed.broadcast(made)
     if error is not None:
         raise CnnkitError(error)
-    marker = distributed.restart_marker(cfg.train.out_dir)
+    marker = _restart_marker(cfg)
     if marker is not None and dd.main:
         atomic_write_bytes(marker, path.encode())
     return Path(path)
 
 
+def _restart_marker(cfg: Config) -> Path | None:
+    return distributed.restart_marker(cache.cache_root(cfg.data.cache_dir), cfg.train.out_dir)
+
+
 def _torchrun_restart(cfg: Config) -> Path | None:
     """Under ``torchrun --max-restarts``: the run folder of this group's previous attempt when it
     holds a checkpoint to continue from."""
-    marker = distributed.restart_marker(cfg.train.out_dir)
+    marker = _restart_marker(cfg)
     if marker is None or distributed.restart_count() == 0 or not marker.is_file():
         return None
     run_dir = Path(marker.read_text().strip())

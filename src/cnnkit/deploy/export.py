@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -47,6 +46,7 @@ from cnnkit.deploy.formats import (
     require,
 )
 from cnnkit.errors import CnnkitError
+from cnnkit.fileio import commit
 from cnnkit.modelfile import model_path
 
 FP32_TOLERANCE = 1e-4  # max |logit diff| / max |logit|, fp32 formats
@@ -144,7 +144,7 @@ def export(
                 f"{fmt} export of {source} failed its parity check ({'; '.join(parity.problems)}): "
                 f"{parity.describe()}; nothing was written"
             )
-        os.replace(tmp, target)
+        commit(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
     return ExportResult(path=target, format=fmt, parity=parity, calibration=calibration)

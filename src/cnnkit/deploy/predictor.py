@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from cnnkit import tasks
 from cnnkit.data import load_image
 from cnnkit.data.images import list_images
 from cnnkit.data.transforms import eval_transform
@@ -86,6 +87,7 @@ class Predictor:
         self.model = model.to(self.rt.device, memory_format=self.rt.memory_format).eval()
         self.meta = meta
         self.classes = meta["classes"]
+        self.task = tasks.get(meta.get("task", "classification"))  # files before 0.1.1: none
         self.transform = eval_transform(meta["preprocessing"])
         self.mode = "L" if meta["in_chans"] == 1 else "RGB"
 
@@ -114,15 +116,7 @@ class Predictor:
 
     def top(self, probs: torch.Tensor, top_k: int) -> list[list[dict]]:
         """The ``top_k`` classes of each row of ``probs`` (B, num_classes), best first."""
-        k = max(1, min(top_k, len(self.classes)))
-        values, indices = probs.topk(k, dim=1)
-        return [
-            [
-                {"class": self.classes[i], "index": int(i), "prob": float(v)}
-                for v, i in zip(row_v, row_i, strict=True)
-            ]
-            for row_v, row_i in zip(values.tolist(), indices.tolist(), strict=True)
-        ]
+        return self.task.predict(probs, self.classes, top_k)
 
     def _image(self, item: str | Image.Image) -> Image.Image:
         if isinstance(item, Image.Image):

@@ -22,6 +22,7 @@ torchrun itself. The rules:
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import signal
 import subprocess
@@ -122,13 +123,16 @@ def all_ok(ok: bool) -> bool:
     return int(flag.item()) == 0
 
 
-def restart_marker(out_dir: str | Path) -> Path | None:
-    """Where rank 0 notes its run folder for torchrun restarts (None outside torchelastic)."""
+def restart_marker(cache_dir: Path, out_dir: str | Path) -> Path | None:
+    """Where rank 0 notes its run folder for torchrun restarts (None outside torchelastic): a
+    file under the cache folder, keyed by torchrun's run id and the runs folder (runs/ itself
+    holds only run folders)."""
     run_id = os.environ.get("TORCHELASTIC_RUN_ID")
     if not run_id or env_world_size() <= 1 and "TORCHELASTIC_RESTART_COUNT" not in os.environ:
         return None
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
-    return Path(out_dir) / f".torchrun-{safe}"
+    where = hashlib.sha1(str(Path(out_dir).resolve()).encode()).hexdigest()[:12]
+    return cache_dir / "torchrun" / f"{safe}-{where}"
 
 
 def restart_count() -> int:

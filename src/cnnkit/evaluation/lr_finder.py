@@ -27,6 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from cnnkit import tasks
+from cnnkit.data.memory import run_loader
+from cnnkit.engine.optim import create_optimizer
 from cnnkit.engine.runtime import Runtime
 from cnnkit.errors import CnnkitError
 
@@ -174,9 +177,6 @@ def lr_find_for_config(model: nn.Module, splits, cfg, rt, steps: int = STEPS) ->
     """The sweep a run of ``cfg`` would see: its training split with its augmentation, batch
     size, optimizer (momentum, weight decay), label smoothing, and the run's runtime ``rt``
     (device and precision)."""
-    from cnnkit.data.memory import run_loader
-    from cnnkit.engine.optim import create_optimizer
-
     loader = run_loader(
         splits.train,
         splits.preprocessing,
@@ -190,5 +190,5 @@ def lr_find_for_config(model: nn.Module, splits, cfg, rt, steps: int = STEPS) ->
     )
     optim_cfg = dataclasses.replace(cfg.optim, lr=START_LR)
     optimizer = create_optimizer(model, optim_cfg, cfg.data.batch_size)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+    loss_fn = tasks.get(cfg.train.task).loss(cfg.train.label_smoothing, None)
     return lr_find(model, loader, optimizer, rt, loss_fn=loss_fn, steps=steps)

@@ -64,7 +64,7 @@ class Classification(Task):
         return ClassificationMetrics(num_classes, device, full=not train)
 
     def balance(self, mode: str, targets, num_classes: int) -> Balance:
-        """"auto" samples balanced batches when the largest class is IMBALANCE_RATIO times the
+        """ "auto" samples balanced batches when the largest class is IMBALANCE_RATIO times the
         smallest or more. Streamed shards list no labels up front: no balancing there (asking
         for it is an error)."""
         if len(targets) == 0:
