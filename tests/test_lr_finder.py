@@ -105,5 +105,5 @@ def test_lr_find_cli_writes_plot(tmp_path, capsys):
 def test_bad_lr_values(capsys):
     assert cli(["train", "--lr", "fast"]) == 2
     assert "must be a number or 'auto', got 'fast'" in capsys.readouterr().err
-    with pytest.raises(cnnkit.CnnkitError, match="optim.lr must be a number or 'auto'"):
+    with pytest.raises(cnnkit.CnnkitError, match="'optim.lr' expects float or 'auto', got 'fast'"):
         cnnkit.train(lr="fast", epochs=1)
