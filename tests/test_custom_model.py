@@ -156,6 +156,17 @@ def test_import_path_trains_and_load_model_rebuilds_it(trained, nets):
     assert top[0]["top"][0]["class"] in model.meta["classes"]
 
 
+def test_export_rebuilds_it_and_the_export_runs_without_it(
+    trained, nets, nets_dir, monkeypatch, capsys
+):
+    code, out, err = cli(capsys, "export", trained.run_dir, "--format", "torchscript")
+    assert code == 0 and "parity" in out, err
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(nets_dir)])
+    sys.modules.pop(NETS)  # a TorchScript file needs no Python class
+    exported = cnnkit.load_model(trained.run_dir / "model.torchscript.pt")
+    assert exported(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
 def test_missing_import_refuses_in_one_line_at_the_cli(trained, capsys):
     assert NETS not in sys.modules
     code, out, err = cli(capsys, "predict", trained.run_dir, "any.png")
