@@ -29,7 +29,6 @@ pytest.importorskip("fastapi", reason="server tests need the 'serve' extra")
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-CHROMIUM = "/usr/bin/chromium"
 
 
 def free_port() -> int:
@@ -282,29 +281,19 @@ def _timeout_and_queue_full(server: Server, post: str, big: bytes) -> None:
         time.sleep(0.1)
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no browser at {CHROMIUM}")
-def test_page_shows_top_classes(plain, digit_pngs, offline, tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (dev extra)")
+def test_page_shows_top_classes(plain, digit_pngs, offline, tmp_path, chromium):
     path = digit_pngs[3][0]
     expected = str(int(torch.tensor(offline[path.name]).argmax()))
     artifacts = Path(os.environ.get("CNNKIT_TEST_ARTIFACTS", tmp_path))
     artifacts.mkdir(parents=True, exist_ok=True)
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
-        try:
-            page = browser.new_page()
-            page.goto(plain.url + "/")
-            page.wait_for_selector("#model:has-text('simple_cnn')")
-            page.set_input_files("#file", str(path))
-            page.wait_for_selector("#bars .row")
-            labels = page.locator("#bars .label").all_inner_texts()
-            widths = page.locator("#bars .bar").evaluate_all("els => els.map(e => e.style.width)")
-            page.screenshot(path=str(artifacts / "serve_page.png"), full_page=True)
-        finally:
-            browser.close()
+    page = chromium.new_page()
+    page.goto(plain.url + "/")
+    page.wait_for_selector("#model:has-text('simple_cnn')")
+    page.set_input_files("#file", str(path))
+    page.wait_for_selector("#bars .row")
+    labels = page.locator("#bars .label").all_inner_texts()
+    widths = page.locator("#bars .bar").evaluate_all("els => els.map(e => e.style.width)")
+    page.screenshot(path=str(artifacts / "serve_page.png"), full_page=True)
     assert len(labels) == 5 and labels[0] == expected
     assert float(widths[0].rstrip("%")) >= float(widths[-1].rstrip("%"))
     assert (artifacts / "serve_page.png").stat().st_size > 1000
