@@ -24,6 +24,7 @@ import typing
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 
 import torch
 from torch import nn
@@ -100,8 +101,6 @@ def _load_plugins() -> None:
     if _PLUGINS_LOADED:
         return
     _PLUGINS_LOADED = True  # before importing: a plugin that lists models must not recurse
-    from importlib.metadata import entry_points
-
     for point in entry_points(group="cnnkit.models"):
         try:
             point.load()
