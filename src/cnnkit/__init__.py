@@ -5,6 +5,7 @@ Public API::
     cnnkit.train(data, model=..., epochs=...)      -> TrainResult (run folder, history, test)
     cnnkit.create_model(name, num_classes, ...)   -> nn.Module with the classifier contract
     cnnkit.list_models(pattern)                   -> registered names
+    @cnnkit.register_model(input_size=(C, H, W))   your own builder, listed by `cnnkit models`
     cnnkit.load_model(run_or_model_file)          -> nn.Module (eval mode) with .meta
     cnnkit.evaluate(run_or_model_file, data)      -> metrics dict
     cnnkit.predict(run_or_model_file, images)     -> top-k per image
@@ -38,6 +39,7 @@ _EXPORTS = {
     "explain": "cnnkit.evaluation.explain",
     "create_model": "cnnkit.models",
     "list_models": "cnnkit.models",
+    "register_model": "cnnkit.models",
     "Config": "cnnkit.config",
     "CnnkitError": "cnnkit.errors",
 }

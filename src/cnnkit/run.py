@@ -10,6 +10,7 @@ continuing after a torchrun restart.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import re
@@ -77,8 +78,9 @@ def train(
 
     ``data_source``: folder, CSV or built-in name (default: digits). ``config``: YAML path, dict or
     ``Config``. ``options``: section-free shortcuts ``model``, ``epochs``, ``batch_size``, ``lr``,
-    ``seed``, ``name``, ... applied after the config; ``overrides``: dotted ``key=value`` strings
-    applied last. ``resume``: a run folder to continue exactly where its checkpoint stopped
+    ``seed``, ``name``, ... applied after the config (``model`` may also be your own module,
+    trained in place, or its class or registered builder); ``overrides``: dotted ``key=value``
+    strings applied last. ``resume``: a run folder to continue exactly where its checkpoint stopped
     (``overrides`` may change its config where exactness allows, any key with
     ``resume_changed=True``; ``allow_world_change``: even with another number of processes than
     it was started with).
@@ -91,6 +93,7 @@ def train(
         return _resume(
             Path(resume), stop_after, extra + (overrides or []), resume_changed, allow_world_change
         )
+    options, module = _model_option(options)
     cfg = resolve(data_source, config, overrides, **options)
     dd = distributed.init(cfg.runtime.device)
     restarted = _torchrun_restart(cfg)
@@ -100,7 +103,7 @@ def train(
     runtime.seed_everything(cfg.train.seed)
     splits = _build_data(cfg)
     _check_recipe_data(cfg, splits)
-    model = _build_model(cfg, splits)
+    model = _build_model(cfg, splits, module=module)
     splits = _match_pretrained_normalisation(cfg, splits, model)
     if cfg.data.batch_size == "auto":
         shape = (splits.in_chans, *splits.input_size)
@@ -110,8 +113,9 @@ def train(
     cfg.optim.lr = distributed.broadcast(cfg.optim.lr)  # rank 0's sweep decides for all
     run_dir = _shared_run_dir(cfg, splits.name, dd)
     return _fit_in(
-        run_dir, model, splits, cfg, rt, resume_state=None, stop_after=stop_after, created=True
-    )
+        run_dir, model, splits, cfg, rt, resume_state=None, stop_after=stop_after, created=True,
+        template=module,
+    )  # fmt: skip
 
 
 def run_runtime(cfg: Config) -> runtime.Runtime:
@@ -230,7 +234,10 @@ def _fit_in(
     stop_after,
     created: bool,
     allow_world_change: bool = False,
+    template: nn.Module | None = None,
 ) -> TrainResult:
+    """``template``: the user's module the run trained, which the saved weights are loaded
+    into (a copy of it) to score and report, since its import path may not rebuild it."""
     main = distributed.current().main
     if main:
         atomic_write_bytes(run_dir / "config.yaml", cfg.to_yaml().encode())
@@ -259,10 +266,10 @@ def _fit_in(
             print(f"\ninterrupted; continue with: cnnkit train --resume {run_dir}")
         raise
     start = time.perf_counter()
-    test, split_name = _final_eval(run_dir, splits, cfg, rt) if main else (None, None)
+    test, split_name = _final_eval(run_dir, splits, cfg, rt, template) if main else (None, None)
     result.timings["final_eval"] = time.perf_counter() - start
     if cfg.train.report and main:
-        _report_after_training(run_dir, splits, split_name, cfg, rt)
+        _report_after_training(run_dir, splits, split_name, cfg, rt, template)
     distributed.barrier()
     return TrainResult(run_dir=run_dir, fit=result, test=test, test_split=split_name)
 
@@ -275,20 +282,25 @@ def _list_skipped(run_dir: Path, skipped: list) -> None:
 
 
 def _final_eval(
-    run_dir: Path, splits, cfg: Config, rt: runtime.Runtime
+    run_dir: Path, splits, cfg: Config, rt: runtime.Runtime, template: nn.Module | None = None
 ) -> tuple[dict | None, str | None]:
     """Score the saved best weights on the test split (val when there is none); saved as JSON."""
     dataset, name = (splits.test, "test") if splits.test is not None else (splits.val, "val")
     if dataset is None:
         return None, None
-    model = load_model(run_dir / MODEL_FILE, device=str(rt.device))
+    model = load_model(run_dir / MODEL_FILE, str(rt.device), copy.deepcopy(template))
     metrics = score(model, dataset, cfg.data.batch_size, rt, cfg.data, cfg.train.tta)
     atomic_write_bytes(run_dir / f"{name}_metrics.json", json.dumps(metrics, indent=2).encode())
     return metrics, name
 
 
 def _report_after_training(
-    run_dir: Path, splits, split: str | None, cfg: Config, rt: runtime.Runtime
+    run_dir: Path,
+    splits,
+    split: str | None,
+    cfg: Config,
+    rt: runtime.Runtime,
+    template: nn.Module | None = None,
 ) -> None:
     """report.html and its figures; a failure here must not cost the user the trained run."""
     if split is None:
@@ -296,7 +308,7 @@ def _report_after_training(
         return
     dataset = splits.test if split == "test" else splits.val
     try:
-        model = load_model(run_dir / MODEL_FILE, device=str(rt.device))
+        model = load_model(run_dir / MODEL_FILE, str(rt.device), copy.deepcopy(template))
         path = write_report(
             run_dir, model, dataset, split, rt, batch_size=cfg.data.batch_size, data_cfg=cfg.data
         )
@@ -325,17 +337,36 @@ def _resolve_auto_lr(cfg: Config, splits, model: nn.Module, rt: runtime.Runtime)
     )
 
 
-def _build_model(cfg: Config, splits, load_weights: bool = True) -> nn.Module:
-    """The configured architecture; with ``load_weights`` also its starting weights (published
-    or from a file). Resuming passes False: the checkpoint holds the weights, no download."""
+def _model_option(options: dict) -> tuple[dict, nn.Module | None]:
+    """``model=`` given as a module (returned, to train in place), a class or a builder: the
+    config holds its name (``models.name_for``) either way."""
+    value = options.get("model")
+    if not callable(value):
+        return options, None
+    module = value if isinstance(value, nn.Module) else None
+    return {**options, "model": models.name_for(value)}, module
+
+
+def _build_model(
+    cfg: Config, splits, load_weights: bool = True, module: nn.Module | None = None
+) -> nn.Module:
+    """The configured architecture (or ``module``, the user's own); with ``load_weights`` also
+    its starting weights (published or from a file). Resuming passes False: the checkpoint
+    holds the weights, no download."""
     mc = cfg.model
-    model = models.create_model(
-        mc.name,
-        num_classes=len(splits.classes),
-        in_chans=splits.in_chans,
-        pretrained=mc.pretrained and load_weights,
-        **mc.kwargs,
-    )
+    num_classes, in_chans = len(splits.classes), splits.in_chans
+    if module is not None:
+        model = _from_module(module, cfg, num_classes, in_chans)
+    else:
+        model = models.create_model(
+            mc.name,
+            num_classes=num_classes,
+            in_chans=in_chans,
+            pretrained=mc.pretrained and load_weights,
+            **mc.kwargs,
+        )
+    if models.is_import_path(mc.name):  # not one of ours: run it once before training
+        models.check_logits(model, mc.name, (in_chans, *splits.input_size), num_classes)
     if load_weights and mc.weights:
         skipped = models.load_state_into(model, read_weights(mc.weights))
         if skipped:
@@ -348,6 +379,19 @@ def _build_model(cfg: Config, splits, load_weights: bool = True) -> nn.Module:
             "note: --freeze-epochs without --weights or --pretrained trains a random body "
             "only later; it is meant for fine-tuning"
         )
+    return model
+
+
+def _from_module(module: nn.Module, cfg: Config, num_classes: int, in_chans: int) -> nn.Module:
+    if cfg.model.pretrained:
+        raise CnnkitError(
+            "model.pretrained downloads published weights for tv:/timm: names; a module you "
+            "pass trains from the weights it has"
+        )
+    model = models.as_classifier(module, cfg.model.name, num_classes, in_chans)
+    note = models.rebuild_note(model, cfg.model.name, cfg.model.kwargs, num_classes, in_chans)
+    if note and distributed.current().main:
+        print(f"note: {note}")
     return model
 
 
@@ -438,11 +482,12 @@ def lr_find(
 ) -> LrFindResult:
     """Sweep the learning rate for the run these arguments (as for ``train``) describe; returns
     an ``LrFindResult`` (lrs, losses, smoothed losses, ``suggestion``, ``figure()``)."""
+    options, module = _model_option(options)
     cfg = resolve(data_source, config, overrides, **options)
     rt = runtime.resolve(cfg.runtime, cfg.train.deterministic)
     runtime.seed_everything(cfg.train.seed)
     splits = data.build(cfg.data, seed=cfg.train.seed)
-    model = _build_model(cfg, splits)
+    model = _build_model(cfg, splits, module=module)
     splits = _match_pretrained_normalisation(cfg, splits, model)
     return lr_find_for_config(model, splits, cfg, rt, steps=steps)
 

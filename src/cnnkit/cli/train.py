@@ -29,7 +29,8 @@ def train(
     model: Annotated[
         str | None,
         typer.Option(
-            help="Model name (see `cnnkit models`), tv:<torchvision name> or timm:<name>."
+            help="Model name (see `cnnkit models`), tv:<torchvision name>, timm:<name>, or "
+            "your own as pkg.module:Net (a class or @cnnkit.register_model builder)."
         ),
     ] = None,
     epochs: Annotated[int | None, typer.Option(help="Number of epochs.")] = None,

@@ -52,18 +52,22 @@ def require(module: str, purpose: str):
         ) from None
 
 
-def load_model(run_or_model: str | Path, device: str = "cpu") -> nn.Module:
+def load_model(
+    run_or_model: str | Path, device: str = "cpu", model: nn.Module | None = None
+) -> nn.Module:
     """Rebuild a trained model from its model file (or run folder), in eval mode.
 
     The returned module carries the file's metadata (classes, preprocessing, precision...) as
     ``model.meta``. Exported ``.onnx`` (ONNX Runtime, CPU) and TorchScript files load too, with
-    the same ``.meta``.
+    the same ``.meta``. Your own model is rebuilt from the import path the file records;
+    ``model``: a module you built instead (its weights are replaced by the file's), for one that
+    path cannot rebuild.
     """
     path = model_path(run_or_model)
     if is_exported(path):  # .onnx / TorchScript: same .meta, same call, another runtime
         return load_exported(path)
     state, meta = load_model_file(path)
-    model = models.rebuild(meta, state, path)
+    model = models.rebuild(meta, state, path, model)
     return model.to(runtime.resolve_device(device))
 
 

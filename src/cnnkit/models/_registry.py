@@ -7,7 +7,12 @@ defaulted parameters of the class it returns (its return annotation). Parameters
 are the architecture the builder fixes, so they are not options.
 
 ``create_model`` also understands ``"spec"`` (a network from a layer list, ``spec.py``),
-``"tv:<name>"`` (torchvision) and ``"timm:<name>"`` (timm), see ``adapters.py``.
+``"tv:<name>"`` (torchvision), ``"timm:<name>"`` (timm), see ``adapters.py``, and
+``"pkg.module:name"`` (your own model class or registered builder, see ``custom.py``).
+
+Users register their own builders the same way. An installed package can list the modules that
+register them under the ``cnnkit.models`` entry-point group (``mynets = "mynets.zoo"``); they are
+imported the first time the registry is listed or misses a name, so ``cnnkit models`` shows them.
 """
 
 from __future__ import annotations
@@ -19,13 +24,14 @@ import typing
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from cnnkit.errors import CnnkitError
-from cnnkit.models import adapters, spec
+from cnnkit.models import adapters, custom, spec
 from cnnkit.models.adapters import adapt_input_weight
 from cnnkit.models.layers import fit_channels
 
@@ -64,12 +70,17 @@ def register_model(
 ):
     """Register a builder under its function name (bare ``@register_model`` or with a cfg).
 
-    Raises ``CnnkitError`` when the name is taken.
+    The builder returns an ``nn.Module``: one without the classifier contract is wrapped (see
+    ``custom.py``). It gets ``num_classes`` and ``in_chans`` when its signature takes them.
+    ``input_size`` (C, H, W), ``mean`` and ``std`` are what the model is designed for.
+
+    Raises ``CnnkitError`` when another builder has the name (the same function defined again,
+    as a re-run notebook cell does, replaces itself).
     """
 
     def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         name = builder.__name__
-        if name in _MODELS or name == "spec":
+        if name == "spec" or (name in _MODELS and not _same(_MODELS[name].builder, builder)):
             raise CnnkitError(f"a model named '{name}' is already registered; pick another name")
         _MODELS[name] = _Entry(builder, tuple(input_size), tuple(mean), tuple(std))
         return builder
@@ -77,8 +88,32 @@ def register_model(
     return wrap(fn) if fn is not None else wrap
 
 
+def _same(a: Callable, b: Callable) -> bool:
+    return (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
+
+
+_PLUGINS_LOADED = False
+
+
+def _load_plugins() -> None:
+    """Import the modules installed packages list under the ``cnnkit.models`` entry points."""
+    global _PLUGINS_LOADED
+    if _PLUGINS_LOADED:
+        return
+    _PLUGINS_LOADED = True  # before importing: a plugin that lists models must not recurse
+    for point in entry_points(group="cnnkit.models"):
+        try:
+            point.load()
+        except Exception as e:  # noqa: BLE001 - a broken plugin must not hide the zoo
+            raise CnnkitError(
+                f"model plugin '{point.name}' ({point.value}, entry point cnnkit.models) "
+                f"failed to import: {type(e).__name__}: {e}"
+            ) from e
+
+
 def list_models(pattern: str | None = None, include_test: bool = False) -> list[str]:
     """Sorted registry names matching the fnmatch ``pattern``; ``test_*`` ones only on request."""
+    _load_plugins()
     names = [n for n in sorted(_MODELS) if include_test or not n.startswith("test_")]
     return [n for n in names if pattern is None or fnmatch.fnmatch(n, pattern)]
 
@@ -90,7 +125,8 @@ def create_model(
     pretrained: bool = False,
     **kwargs: typing.Any,
 ) -> nn.Module:
-    """Build a model by name: a registry name, ``"spec"``, ``"tv:<name>"`` or ``"timm:<name>"``.
+    """Build a model by name: a registry name, ``"spec"``, ``"tv:<name>"``, ``"timm:<name>"``
+    or an import path ``"pkg.module:name"`` (an ``nn.Module`` class or a registered builder).
 
     ``kwargs`` go to the builder (e.g. ``drop_rate``, ``width_mult``, ``layers`` for ``spec``).
     ``pretrained`` downloads published weights, which exist only for ``tv:`` and ``timm:``.
@@ -110,16 +146,34 @@ def create_model(
         model = spec.create_spec_model(num_classes=num_classes, in_chans=in_chans, **kwargs)
         model.default_cfg["architecture"] = "spec"
         return model
-    entry = _lookup(name)
+    if custom.is_import_path(name):
+        return _create_from_path(name, num_classes, in_chans, kwargs)
+    return _create_registered(name, _lookup(name), num_classes, in_chans, kwargs)
+
+
+def _create_registered(
+    name: str, entry: _Entry, num_classes: int, in_chans: int, kwargs: dict
+) -> nn.Module:
+    """``name`` is what the model's ``default_cfg["architecture"]`` (and a model file) says."""
     _check_kwargs(name, entry.builder, kwargs)
-    model = entry.builder(num_classes=num_classes, in_chans=in_chans, **kwargs)
+    model = custom.call_builder(entry.builder, num_classes, in_chans, kwargs, name)
+    model = custom.as_classifier(model, name, num_classes, in_chans)
     model.default_cfg.update(
-        architecture=name,
         input_size=(in_chans, *entry.input_size[1:]),
         mean=fit_channels(entry.mean, in_chans),
         std=fit_channels(entry.std, in_chans),
     )
     return model
+
+
+def _create_from_path(name: str, num_classes: int, in_chans: int, kwargs: dict) -> nn.Module:
+    builder = custom.resolve(name)
+    entry = next((e for e in _MODELS.values() if e.builder is builder), None)
+    if entry is not None:  # a registered builder keeps its input size, mean and std
+        return _create_registered(name, entry, num_classes, in_chans, kwargs)
+    custom.check_builder(name, builder, registered=False)
+    model = custom.call_builder(builder, num_classes, in_chans, kwargs, name)
+    return custom.as_classifier(model, name, num_classes, in_chans)
 
 
 def _check_sizes(num_classes: int, in_chans: int) -> None:
@@ -132,24 +186,37 @@ def _check_sizes(num_classes: int, in_chans: int) -> None:
 
 
 def _lookup(name: str) -> _Entry:
+    if name not in _MODELS:
+        _load_plugins()
     if name in _MODELS:
         return _MODELS[name]
     close = difflib.get_close_matches(name, [*_MODELS, "spec"], n=3, cutoff=0.5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise CnnkitError(
         f"unknown model '{name}'.{hint} See `cnnkit models` for the list, or use "
-        f"'spec', 'tv:<torchvision name>' or 'timm:<timm name>'"
+        f"'spec', 'tv:<torchvision name>', 'timm:<timm name>' or 'pkg.module:YourNet'"
     )
 
 
-def builder_options(builder: Callable[..., nn.Module]) -> list[str]:
-    """Keyword options a builder accepts (besides ``num_classes`` and ``in_chans``)."""
+def builder_options(builder: Callable[..., nn.Module]) -> list[str] | None:
+    """Keyword options a builder accepts (besides ``num_classes`` and ``in_chans``); None when
+    it takes ``**kwargs`` and has no return annotation to find them in (any may do)."""
     params = list(inspect.signature(builder).parameters.values())
     names = {p.name for p in params if p.default is not p.empty}
     if any(p.kind is p.VAR_KEYWORD for p in params):
-        cls = typing.get_type_hints(builder)["return"]
+        cls = _return_type(builder)
+        if cls is None:
+            return None
         names |= {p.name for p in _defaulted(cls)}
     return sorted(names - {"num_classes", "in_chans"})
+
+
+def _return_type(builder: Callable) -> type | None:
+    try:
+        cls = typing.get_type_hints(builder).get("return")
+    except Exception:  # noqa: BLE001 - a user's annotation that does not resolve: no hint
+        return None
+    return cls if isinstance(cls, type) else None
 
 
 def _defaulted(fn: Callable) -> list[inspect.Parameter]:
@@ -158,7 +225,7 @@ def _defaulted(fn: Callable) -> list[inspect.Parameter]:
 
 def _check_kwargs(name: str, builder: Callable[..., nn.Module], kwargs: dict) -> None:
     valid = builder_options(builder)
-    unknown = [k for k in kwargs if k not in valid]
+    unknown = [k for k in kwargs if valid is not None and k not in valid]
     if unknown:
         raise CnnkitError(
             f"model '{name}' has no option '{unknown[0]}'; valid options: {', '.join(valid)}"

@@ -112,6 +112,19 @@ def create_spec_model(
     return SpecNet(layers, num_classes=num_classes, in_chans=in_chans)
 
 
+def entry_labels(layers: list[dict] | str) -> dict[str, str]:
+    """Module name -> the entry it was built from (``"features.2": "layers[2] pool"``), so a
+    layer table or an error can speak in the user's terms."""
+    entries = parse_layers(layers)
+    split = next((e.index for e in entries if e.kind == "flatten"), len(entries))
+    labels = {f"features.{e.index}": f"layers[{e.index}] {e.kind}" for e in entries[:split]}
+    flat = f"layers[{split}] flatten" if split < len(entries) else "global pool (added)"
+    labels.update({"head.pool": flat, "head.flatten": flat, "head.fc": "final linear (added)"})
+    for j, e in enumerate(entries[split + 1 :]):
+        labels[f"head.hidden.{j}"] = f"layers[{e.index}] {e.kind}"
+    return labels
+
+
 def parse_layers(layers: list[dict] | str) -> list[_Entry]:
     """Check every entry's kind, value and options; raise ``CnnkitError`` naming the entry."""
     if isinstance(layers, str):
@@ -184,8 +197,8 @@ def _build_features(entries: list[_Entry], in_chans: int) -> tuple[list, int, in
     for i, entry in enumerate(entries):
         if entry.kind in _HEAD_ONLY:
             raise CnnkitError(
-                f"spec layers[{entry.index}]: {entry.kind} needs flat features; "
-                f"put {{flatten: true}} before it"
+                f"spec layers[{entry.index}]: {entry.kind} needs flat features (B, F) but gets "
+                f"a (B, {chs}, H, W) map; put {{flatten: true}} before it"
             )
         next_kind = entries[i + 1].kind if i + 1 < len(entries) else None
         modules.append(_feature_module(entry, chs, next_kind))
@@ -237,8 +250,9 @@ def _build_head(entries: list[_Entry], chs: int, num_classes: int) -> Classifier
     for entry in rest:
         if entry.kind in _FEATURE_ONLY or entry.kind == "flatten":
             raise CnnkitError(
-                f"spec layers[{entry.index}]: {entry.kind} cannot come after flatten "
-                f"(layers[{flat.index}]); move it before"
+                f"spec layers[{entry.index}]: {entry.kind} needs a (B, C, H, W) map but gets "
+                f"flat features (B, {features}) after flatten (layers[{flat.index}]); move it "
+                "before the flatten"
             )
         if entry.kind == "linear":
             modules.append(nn.Linear(features, entry.value, bias=entry.options.get("bias", True)))
