@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 
 from cnnkit.errors import CnnkitError
@@ -79,8 +80,6 @@ def read_weights(path: str | Path) -> dict:
     if not path.is_file():
         raise CnnkitError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path))
         except Exception as e:  # noqa: BLE001 - safetensors raises several types

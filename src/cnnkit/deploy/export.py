@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -288,8 +289,6 @@ class _CalibrationReader:
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """ORT's quantizer logs advice meant for its developers at warning level."""
-    import logging
-
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)

@@ -236,7 +236,7 @@ def serve(
 ) -> None:
     """Load ``model`` (a ``cnnkit.load_model`` result) once and serve it until interrupted;
     ``precision``: default, the precision the run trained with."""
-    import uvicorn
+    import uvicorn  # the optional "serve" extra
 
     app = create_app(Predictor(model, device="cpu", precision=precision), cfg)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

@@ -186,8 +186,6 @@ class MetricsLog:
 
 
 def _tensorboard_writer(folder: Path):
-    from cnnkit.errors import CnnkitError
-
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
@@ -215,6 +213,7 @@ class Progress:
         self._t0, self._steps = time.perf_counter(), steps
         self._epoch, self._last_line = epoch, self._t0
         if self.bar:
+            # local: rich's Progress would shadow this class's name at module level
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
             self._live = Progress(

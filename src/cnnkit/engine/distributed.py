@@ -78,6 +78,7 @@ def _attempt_store(rank: int, world: int):
     """torchrun's store under a prefix of this restart attempt. After ``--max-restarts`` starts
     the group again, the store can still hold the previous attempt's addresses; a peer that
     reads a dead process's address fails to connect ("Connection refused")."""
+    # local: a private torch module, loaded only when a torchrun group forms
     from torch.distributed.rendezvous import _create_c10d_store
 
     addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])

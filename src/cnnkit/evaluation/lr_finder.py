@@ -32,6 +32,7 @@ from cnnkit.data.memory import run_loader
 from cnnkit.engine.optim import create_optimizer
 from cnnkit.engine.runtime import Runtime
 from cnnkit.errors import CnnkitError
+from cnnkit.evaluation.plots import lr_find_figure
 
 START_LR = 1e-6
 END_LR = 10.0
@@ -51,8 +52,6 @@ class LrFindResult:
     stopped: str = "end of sweep"  # or why it stopped early
 
     def figure(self):
-        from cnnkit.evaluation.plots import lr_find_figure
-
         return lr_find_figure(self.lrs, self.losses, self.smoothed, self.suggestion)
 
 

@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 import torch
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -45,8 +46,6 @@ def display_image(x: torch.Tensor, mean, std) -> np.ndarray:
 def overlay(image: np.ndarray, cam: torch.Tensor, side: int = CAM_SIDE) -> np.ndarray:
     """(H, W, 3) image in 0..1 blended with a 'jet' heat map of ``cam`` (H, W) in 0..1; the
     result is (S, S', 3) uint8 with its longer side at least ``side`` px."""
-    from matplotlib import colormaps
-
     height, width = image.shape[:2]
     scale = max(1, math.ceil(side / max(height, width)))
     size = (height * scale, width * scale)

@@ -23,17 +23,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision
 import yaml
 from torch import nn
 
 from cnnkit import __version__
 from cnnkit.config import DataConfig
+from cnnkit.data.memory import run_loader
 from cnnkit.engine import runtime
 from cnnkit.errors import CnnkitError
 from cnnkit.evaluation import plots
 from cnnkit.evaluation.gradcam import compute_cams
 from cnnkit.evaluation.metrics import from_logits
 from cnnkit.fileio import atomic_write_bytes
+from cnnkit.models import model_info
 
 REPORT_FILE = "report.html"
 METRICS_FILE = "metrics.csv"
@@ -144,8 +147,6 @@ def write_report(
 @torch.inference_mode()
 def collect_logits(model: nn.Module, dataset, rt, batch_size: int, data_cfg: DataConfig):
     """(logits (N, K) float32, labels (N,)) on the CPU, in dataset order."""
-    from cnnkit.data.memory import run_loader
-
     pre = model.meta["preprocessing"]
     loader = run_loader(
         dataset, pre, None, data_cfg, batch_size, train=False, seed=0, device=rt.device,
@@ -237,8 +238,6 @@ def _gradcam(figures: Figures, model, dataset, labels, metrics: dict, rt) -> dic
 
 
 def _model_summary(model: nn.Module, meta: dict, device) -> dict:
-    from cnnkit.models import model_info
-
     input_size = (meta["in_chans"], *meta["preprocessing"]["input_size"])
     info = model_info(model, input_size)
     return {
@@ -294,8 +293,6 @@ def _config_text(run_dir: Path) -> str:
 
 
 def _environment(rt, meta: dict, history: list[dict], run_dir: Path) -> dict:
-    import torchvision
-
     config = run_dir / "config.yaml"
     cfg = (yaml.safe_load(config.read_text()) or {}) if config.is_file() else {}
     planned = cfg.get("runtime", {})

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models import get_model_weights
 
 from cnnkit.errors import CnnkitError
 from cnnkit.models.layers import fit_channels
@@ -190,8 +191,6 @@ def _new_final(old: nn.Module, in_features: int, num_classes: int) -> nn.Module:
 
 def _torchvision_preprocessing(name: str) -> tuple[int, tuple, tuple]:
     """Crop size, mean and std of the model's default published weights (224 / ImageNet if none)."""
-    from torchvision.models import get_model_weights
-
     try:
         transforms = get_model_weights(name).DEFAULT.transforms()
     except (ValueError, AttributeError, KeyError):
