@@ -101,7 +101,7 @@ def _bad(tmp_path, capsys, *argv):
     code, out, err = cli(capsys, *argv)
     assert code == 2, (out, err)
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") or lines[0].startswith("Usage"), err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
     return err
 
 
