@@ -16,7 +16,7 @@ import cnnkit
 from cnnkit import data
 from cnnkit.api import resolve_config
 from cnnkit.cli.main import run
-from cnnkit.data.doctor import check_files, scan
+from cnnkit.data.doctor import check_files, scan, summary
 from cnnkit.data.images import ImageFileError, decode, is_image_file
 from cnnkit.data.loader import EpochSampler
 from cnnkit.data.sources import FileImageDataset
@@ -171,6 +171,48 @@ def test_training_stops_on_bad_files_unless_skip_bad(tmp_path, sick, capsys):
     listed = (result.run_dir / "skipped_files.tsv").read_text().splitlines()
     assert sorted(Path(line.split("\t")[0]).name for line in listed) == sorted(BAD)
     assert result.fit.epochs_done == 1
+
+
+def _pairs(found: list[dict]) -> set[tuple[str, str, bool]]:
+    return {(Path(p["a"]).name, Path(p["b"]).name, p["cross_split"]) for p in found}
+
+
+def test_duplicates_within_one_split_are_reported_but_are_no_leak(tmp_path):
+    root = tmp_path / "dups"
+    for split, seeds in (("train", range(4)), ("test", range(50, 52))):
+        for c, (name, color) in enumerate({"cat": (200, 60, 60), "dog": (60, 60, 200)}.items()):
+            for i in seeds:
+                write_image(root / split / name / f"{i}.png", color, (32, 32), seed=c * 100 + i)
+    train = root / "train"
+    (train / "dog" / "copy.png").write_bytes((train / "cat" / "0.png").read_bytes())
+    Image.open(train / "cat" / "1.png").save(train / "cat" / "resaved.jpg", quality=90)
+    report = scan(root)
+    assert _pairs(report.exact_duplicates) == {("0.png", "copy.png", False)}
+    assert _pairs(report.near_duplicates) == {("1.png", "resaved.jpg", False)}
+    assert report.leaks == [] and report.ok  # a warning: training can still use them
+    text = summary(report)
+    assert "duplicates within a split: 2" in text and "leakage" not in text
+    assert str(train / "cat" / "resaved.jpg") in text
+
+
+def _smooth_pattern(path: Path, seed: int) -> None:
+    """A 48x48 image of smooth random blobs: most of its energy in the low frequencies a
+    perceptual hash looks at, so unrelated images are not told apart by noise alone."""
+    coarse = np.random.default_rng(seed).integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(coarse).resize((48, 48), Image.Resampling.BICUBIC).save(path)
+
+
+def test_distinct_images_are_never_called_duplicates(tmp_path):
+    root = tmp_path / "distinct"
+    for i in range(60):
+        _smooth_pattern(root / "train" / f"c{i % 3}" / f"{i}.png", seed=i)
+    for i in range(60, 80):
+        _smooth_pattern(root / "test" / f"c{i % 3}" / f"{i}.png", seed=i)
+    report = scan(root)
+    assert report.images == 80 and not report.errors
+    assert report.exact_duplicates == [] and report.near_duplicates == []
+    assert report.ok and "duplicates" not in summary(report)
 
 
 def _imbalanced(root: Path) -> Path:
