@@ -163,12 +163,6 @@ def test_a_save_killed_while_keeping_the_previous_file_leaves_no_temporary(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a save killed after previous.pt was linked to last.pt and before last.pt was "
-    "replaced leaves both names on one inode; the next save's os.replace of the link temporary "
-    "onto previous.pt is then a no-op (rename of two links to one file) and the temporary stays",
-)
 def test_a_save_killed_after_linking_previous_leaves_no_temporary_behind(tmp_path):
     path = tmp_path / "last.pt"
     save_checkpoint(path, {"model": {"w": torch.ones(3)}})

@@ -300,11 +300,6 @@ def test_refusals_say_what_was_wrong(strict, digit_pngs):
     assert broken.json()["error"].startswith("bad multipart body: ")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server.py lets starlette's parser see max_files + 1 files; from the 34th on the "
-    "parser refuses first and the answer is 400 'bad multipart body: Too many files'",
-)
 def test_far_too_many_files_are_413_too(strict, digit_pngs):
     good = digit_pngs[0][0].read_bytes()
     files = [("files", (f"{i}.png", good)) for i in range(40)]
