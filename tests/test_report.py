@@ -24,10 +24,9 @@ FIGURES = ["curves.png", "confusion.png", "reliability.png", "gradcam.png"]
 
 
 @pytest.fixture(scope="module")
-def digits_run(tmp_path_factory) -> Path:
-    """A short digits run; training ends by writing the report."""
-    out = tmp_path_factory.mktemp("runs")
-    return cnnkit.train(epochs=2, out_dir=str(out), progress="plain", name="short").run_dir
+def digits_run(digits_result) -> Path:
+    """The session's digits run folder (conftest): training ends by writing the report."""
+    return digits_result.run_dir
 
 
 def test_training_writes_self_contained_report(digits_run):
