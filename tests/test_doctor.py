@@ -20,6 +20,7 @@ from cnnkit.data.doctor import check_files, scan, summary
 from cnnkit.data.images import ImageFileError, decode, is_image_file
 from cnnkit.data.loader import EpochSampler
 from cnnkit.data.sources import FileImageDataset
+from cnnkit.engine import runtime
 from cnnkit.engine.fit import fit
 from conftest import write_image
 
@@ -269,7 +270,8 @@ def _fit_with_balance(tmp_path, root: Path, balance: str, capsys):
     splits.train = _Recording(train.paths, train.targets, train.mode, train.transform)
     _Recording.drawn, _RecordingLoss.weights = [], []
     model = cnnkit.create_model("test_simple_cnn", num_classes=2, in_chans=3)
-    fit(model, splits, cfg, tmp_path / balance, {"arch": "test_simple_cnn"})
+    rt = runtime.resolve(cfg.runtime)
+    fit(model, splits, cfg, tmp_path / balance, {"arch": "test_simple_cnn"}, rt)
     return _Recording.drawn, _RecordingLoss.weights, splits, capsys.readouterr().out
 
 
