@@ -13,7 +13,8 @@ import torch
 
 import cnnkit
 from cnnkit.cli.main import run
-from cnnkit.engine.checkpoint import load_checkpoint, load_model_file
+from cnnkit.engine.checkpoint import load_checkpoint
+from cnnkit.modelfile import load_model_file
 from conftest import make_folder
 
 pytestmark = pytest.mark.distributed

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 import cnnkit
-from cnnkit import data
-from cnnkit.api import resolve_config
+from cnnkit import data, tasks
 from cnnkit.cli.main import run
+from cnnkit.config import resolve as resolve_config
 from cnnkit.data.doctor import check_files, scan, summary
 from cnnkit.data.images import ImageFileError, decode, is_image_file
 from cnnkit.data.loader import EpochSampler
@@ -271,7 +271,8 @@ def _fit_with_balance(tmp_path, root: Path, balance: str, capsys):
     _Recording.drawn, _RecordingLoss.weights = [], []
     model = cnnkit.create_model("test_simple_cnn", num_classes=2, in_chans=3)
     rt = runtime.resolve(cfg.runtime)
-    fit(model, splits, cfg, tmp_path / balance, {"arch": "test_simple_cnn"}, rt)
+    task = tasks.get("classification")
+    fit(model, splits, cfg, tmp_path / balance, {"arch": "test_simple_cnn"}, rt, task)
     return _Recording.drawn, _RecordingLoss.weights, splits, capsys.readouterr().out
 
 
