@@ -18,6 +18,7 @@ _EXPORTS = {
     "load_image": "cnnkit.data.images",
     "EpochSampler": "cnnkit.data.loader",
     "make_loader": "cnnkit.data.loader",
+    "Augment": "cnnkit.data.augment",
     "BUILTINS": "cnnkit.data.sources",
     "Splits": "cnnkit.data.sources",
     "build": "cnnkit.data.sources",

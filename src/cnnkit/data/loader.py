@@ -1,9 +1,10 @@
 """DataLoaders whose batches depend only on (seed, epoch): exact resume, any number of workers.
 
 The order of epoch ``e`` comes from a generator seeded by (seed, e), and the random transform of
-sample ``i`` in epoch ``e`` runs under the CPU RNG seeded by (seed, e, i). Nothing depends on the
-number of workers, on earlier epochs, or on the global RNG, which is left untouched. Call
-``loader.set_epoch(e)`` (or ``loader.sampler.set_epoch(e)``) before iterating epoch ``e``.
+sample ``i`` in epoch ``e`` runs under the CPU RNG seeded by (seed, e, i); an ``EpochDataset``
+also gets (i, e) itself (alternating flips). Nothing depends on the number of workers, on earlier
+epochs, or on the global RNG, which is left untouched. Call ``loader.set_epoch(e)`` (or
+``loader.sampler.set_epoch(e)``) before iterating epoch ``e``.
 
 Errors: a ``CnnkitError`` raised while loading a sample (e.g. ``ImageFileError`` for a corrupt
 file) comes out of the loader as the same type with its original one-line message, also when it
@@ -85,9 +86,22 @@ class EpochSampler(Sampler):
         return iter([(index, self.epoch) for index in self.indices()])
 
 
+class EpochDataset(Dataset):
+    """A map-style dataset whose samples may depend on the epoch as well as on the index
+    (``hflip=alternate``): ``sample(index, epoch)``; ``dataset[index]`` is its epoch 0. The
+    loaders call ``sample``: a subclass that changes samples overrides it, not ``__getitem__``."""
+
+    def sample(self, index: int, epoch: int):
+        raise NotImplementedError
+
+    def __getitem__(self, index: int):
+        return self.sample(index, 0)
+
+
 class SeededDataset(Dataset):
-    """Wraps a dataset: item ``(index, epoch)`` is ``dataset[index]`` computed under the CPU RNG
-    seeded by (seed, epoch, index); the caller's RNG state is restored afterwards."""
+    """Wraps a dataset: item ``(index, epoch)`` is ``dataset[index]`` (``dataset.sample(index,
+    epoch)`` for an ``EpochDataset``) computed under the CPU RNG seeded by (seed, epoch, index);
+    the caller's RNG state is restored afterwards."""
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
         self.dataset, self.seed = dataset, seed
@@ -101,6 +115,8 @@ class SeededDataset(Dataset):
         # default_generator only: torch.manual_seed would also reseed CUDA in the main process
         torch.default_generator.manual_seed(mix_seed(self.seed, epoch, index))
         try:
+            if isinstance(self.dataset, EpochDataset):
+                return self.dataset.sample(index, epoch)
             return self.dataset[index]
         finally:
             torch.set_rng_state(state)

@@ -20,7 +20,8 @@ from torch.utils.data import Dataset
 
 from cnnkit.config import DataConfig
 from cnnkit.data import cache
-from cnnkit.data.batchaug import BatchAugment
+from cnnkit.data.augment import Augment
+from cnnkit.data.batchaug import BatchAugment, batchable
 from cnnkit.data.loader import EpochSampler, auto_workers, make_loader
 from cnnkit.data.transforms import image_mode
 from cnnkit.errors import CnnkitError
@@ -99,7 +100,7 @@ class MemoryLoader:
 def run_loader(
     dataset: Dataset,
     preprocessing: dict,
-    aug: dict | None,
+    aug: Augment | None,
     cfg: DataConfig,
     batch_size: int,
     *,
@@ -114,7 +115,7 @@ def run_loader(
 ):
     """The fastest loader for ``dataset`` (a split from ``cnnkit.data.build``/``build_eval``).
 
-    ``aug``: the resolved train augmentation (``Splits.augment``), or None for evaluation.
+    ``aug``: the train augmentation (``Splits.augment``), or None for evaluation.
     ``weights``: per-sample weights for class-balanced sampling (with replacement).
     """
     if cfg.decode_cache not in cache.MODES:
@@ -134,7 +135,7 @@ def run_loader(
     if aug is not None and not batchable(aug):
         from cnnkit.data.sources import TensorImageDataset
 
-        # the per-sample transform works on uint8 tensors as on PIL images (resizes to the stored
+        # the per-sample executor works on uint8 tensors as on PIL images (resizes to the stored
         # size are no-ops)
         memory = TensorImageDataset(images, dataset.targets, dataset.transform)
         return make_loader(memory, batch_size, num_workers=cfg.num_workers, **loader_kw)
@@ -150,16 +151,11 @@ def run_loader(
     return MemoryLoader(images, dataset.targets, batch_size, augment, device=device, **loader_kw)
 
 
-def batchable(aug: dict) -> bool:
-    """True when every step of the train augmentation exists as a batched operation."""
-    return aug.get("auto_augment", "none") == "none" and not aug.get("random_erasing")
-
-
-def _images(dataset, preprocessing: dict, aug: dict | None, cfg: DataConfig, note):
+def _images(dataset, preprocessing: dict, aug: Augment | None, cfg: DataConfig, note):
     """The split as uint8 (N, C, H, W) at the stored geometry, or None when it must stream."""
     from cnnkit.data.sources import FileImageDataset, TensorImageDataset
 
-    geometry = cache.stored_geometry(preprocessing, bool(aug and aug.get("random_resized_crop")))
+    geometry = cache.stored_geometry(preprocessing, aug is not None and aug.random_resized_crop)
     mode = image_mode(preprocessing)
     decoded = getattr(dataset, "decoded", None)  # decoded once by data.build (its check)
     if decoded is not None and dataset.decoded_geometry == geometry and dataset.mode == mode:

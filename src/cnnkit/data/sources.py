@@ -31,7 +31,8 @@ import torch
 from torch.utils.data import Dataset
 
 from cnnkit.config import DataConfig
-from cnnkit.data import shards
+from cnnkit.data import augment, shards
+from cnnkit.data.augment import Augment
 from cnnkit.data.images import (
     GRAY_MODES,
     IMAGE_EXTENSIONS,
@@ -42,11 +43,12 @@ from cnnkit.data.images import (
     load_image,
     scan_images,
 )
+from cnnkit.data.loader import EpochDataset
 from cnnkit.data.transforms import (
+    SampleAugment,
     eval_transform,
     image_mode,
     make_preprocessing,
-    resolve_augment,
     train_transform,
 )
 from cnnkit.errors import CnnkitError
@@ -75,11 +77,11 @@ class Splits:
     name: str  # short dataset name for the run folder
     preprocessing: dict  # JSON-able; see cnnkit.data.transforms
     fingerprint: str  # changes when the files (or the built-in's version) change
-    augment: dict = field(default_factory=dict)  # the train augmentation used (JSON-able)
+    augment: Augment = field(default_factory=Augment)  # the train augmentation, resolved once
     skipped: list = field(default_factory=list)  # Findings of bad files left out (--skip-bad)
 
 
-class TensorImageDataset(Dataset):
+class TensorImageDataset(EpochDataset):
     """Images held in memory as uint8 (N, C, H, W) with integer labels; transform per sample."""
 
     def __init__(self, images: torch.Tensor, targets: Sequence[int], transform=None) -> None:
@@ -106,9 +108,9 @@ class TensorImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, index: int):
+    def sample(self, index: int, epoch: int):
         image = self.images[index]  # uint8 (C, H, W)
-        return (self.transform(image) if self.transform else image), self.targets[index]
+        return _transformed(self.transform, image, index, epoch), self.targets[index]
 
     def __getitems__(self, indices: list[int]) -> list:
         """Samples for a batch of indices: one transform call for the whole batch when
@@ -121,7 +123,7 @@ class TensorImageDataset(Dataset):
         return list(zip(batch.unbind(0), [self.targets[i] for i in indices], strict=True))
 
 
-class FileImageDataset(Dataset):
+class FileImageDataset(EpochDataset):
     """Image files with integer labels, decoded by ``load_image`` in ``mode`` ("RGB" or "L").
 
     ``stats``: (size, mtime_ns) per file as listed (taken with ``os.stat`` when not given), for
@@ -169,9 +171,18 @@ class FileImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int):
+    def sample(self, index: int, epoch: int):
         image = load_image(self.paths[index], self.mode)
-        return (self.transform(image) if self.transform else image), self.targets[index]
+        return _transformed(self.transform, image, index, epoch), self.targets[index]
+
+
+def _transformed(transform, image, index: int, epoch: int):
+    """``transform(image)``; a ``SampleAugment`` also gets the sample's index and epoch."""
+    if transform is None:
+        return image
+    if isinstance(transform, SampleAugment):
+        return transform(image, index, epoch)
+    return transform(image)
 
 
 @dataclass
@@ -186,7 +197,7 @@ class _Source:
     fingerprint: str
     mean: tuple[float, ...] | None = None  # None: computed from the training images
     std: tuple[float, ...] | None = None
-    preset: dict = field(default_factory=dict)  # train augmentation defaults (hflip, pad_crop)
+    preset: dict = field(default_factory=dict)  # train augmentation defaults (``Augment`` fields)
 
 
 @dataclass(frozen=True)
@@ -221,10 +232,16 @@ def build(cfg: DataConfig, seed: int, note: Callable[[str], None] | None = None)
         )
     src = _read_source(cfg)
     in_chans, input_size, crop = _geometry(src.train, cfg.input_size)
+    aug = augment.resolve(cfg, input_size, src.preset)
+    streamed = isinstance(src.train, shards.ShardDataset)
+    if streamed and aug.hflip == "alternate":
+        raise CnnkitError(
+            "data.hflip=alternate flips each image by its index, which streamed tar shards do "
+            "not have; use a probability, e.g. data.hflip=0.5"
+        )
     plain = make_preprocessing(in_chans, input_size, [0.0] * in_chans, [1.0] * in_chans, crop)
-    skipped = preflight(src, cfg, plain, resolve_augment(plain, cfg, src.preset), note)
+    skipped = preflight(src, cfg, plain, aug, note)
     train, val = src.train, src.val
-    streamed = isinstance(train, shards.ShardDataset)
     if streamed:
         train.seed = seed  # shard order and shuffle buffers follow the run's seed
     if val is None and cfg.val_fraction > 0 and not streamed:  # shards: give data.val
@@ -239,7 +256,7 @@ def build(cfg: DataConfig, seed: int, note: Callable[[str], None] | None = None)
     pre = make_preprocessing(in_chans, input_size, mean, std, crop)
     mode, evaluate = image_mode(pre), eval_transform(pre)
     return Splits(
-        train=train.with_transform(train_transform(pre, cfg, src.preset), mode),
+        train=train.with_transform(train_transform(pre, aug, seed), mode),
         val=val.with_transform(evaluate, mode) if val is not None else None,
         test=src.test.with_transform(evaluate, mode) if src.test is not None else None,
         classes=src.classes,
@@ -250,13 +267,17 @@ def build(cfg: DataConfig, seed: int, note: Callable[[str], None] | None = None)
         name=src.name,
         preprocessing=pre,
         fingerprint=src.fingerprint,
-        augment=resolve_augment(pre, cfg, src.preset),
+        augment=aug,
         skipped=skipped,
     )
 
 
 def preflight(
-    src: _Source, cfg: DataConfig, plain: dict, aug: dict, note: Callable[[str], None] | None = None
+    src: _Source,
+    cfg: DataConfig,
+    plain: dict,
+    aug: Augment,
+    note: Callable[[str], None] | None = None,
 ) -> list:
     """Make sure training never meets a bad file by surprise, decoding each file once.
 
@@ -266,7 +287,7 @@ def preflight(
     doctor's cached scan when ``data.check_files``. Bad files stop the run, naming them, unless
     ``cfg.skip_bad``: then they are left out of their split and returned (as ``doctor.Finding``)
     for the run folder's list. ``plain``: the preprocessing without mean/std; ``aug``: the
-    resolved train augmentation (random resized crops store larger images).
+    train augmentation (random resized crops store larger images).
     """
     from cnnkit.data import cache
     from cnnkit.data.doctor import Finding, check_files, error_kind
@@ -285,7 +306,7 @@ def preflight(
     budget = cache.budget_bytes(cfg.cache_memory) if cfg.decode_cache == "auto" else None
     bad, unchecked = [], []
     for name, dataset in files.items():
-        geometry = cache.stored_geometry(plain, name == "train" and aug["random_resized_crop"])
+        geometry = cache.stored_geometry(plain, name == "train" and aug.random_resized_crop)
         nbytes = len(dataset) * chans * geometry["size"][0] * geometry["size"][1]
         if cfg.decode_cache == "off" or (budget is not None and nbytes > budget):
             unchecked.append(dataset)  # streams; run_loader says so when it makes the loader

@@ -113,7 +113,7 @@ def fit(
         scheduler=scheduler if per_step else None,
         scaler=rt.grad_scaler(),
         grad_clip=tc.grad_clip,
-        mix=batch_mix(cfg.data, num_classes),
+        mix=batch_mix(splits.augment, num_classes),
         ema=weight_averager(model, tc, tc.epochs * len(train_loader)),
         note=progress.message,
         nan_policy=tc.nan_policy,
