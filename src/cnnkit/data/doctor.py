@@ -12,8 +12,9 @@
 
 Decoding goes through ``images.decode``, the policy training uses. Per-file results are cached by
 fingerprint (absolute path, size, mtime) in one small JSON file per folder under
-``$CNNKIT_CACHE_DIR/doctor`` (default ``~/.cache/cnnkit``), so a rescan of unchanged files only
-stats them; ``check_files`` (the pre-flight check before training) shares that cache.
+``<cache folder>/doctor`` (``data.cache_dir``; by default ``$CNNKIT_CACHE_DIR`` or
+``~/.cache/cnnkit``, see ``host.cache_root``), so a rescan of unchanged files only stats them;
+``check_files`` (the pre-flight check before training) shares that cache.
 """
 
 from __future__ import annotations
@@ -33,12 +34,12 @@ from pathlib import Path
 import numpy as np
 import PIL
 
-from cnnkit.data.images import IMAGE_EXTENSIONS, ImageFileError, decode
+from cnnkit.data.host import cache_root, cpu_count
+from cnnkit.data.images import ImageFileError, decode, is_image_file, is_junk
 from cnnkit.errors import CnnkitError
 from cnnkit.fileio import atomic_write_bytes
 
 CACHE_VERSION = f"doctor-1/pillow-{PIL.__version__}"  # a new Pillow may decode differently
-JUNK_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini", "__MACOSX", "._.DS_Store"})
 SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 UNUSUAL_MODES = frozenset({"CMYK", "RGBA", "LA", "PA", "I", "I;16", "I;16B", "I;16L", "F", "1"})
 TINY_SIDE = 16  # px: a shorter side below this is reported
@@ -154,10 +155,14 @@ def _file_warnings(path: str, facts: dict) -> list[Finding]:
 
 
 def inspect_files(
-    paths: Sequence, workers: int | None = None, phash: bool = True
+    paths: Sequence,
+    workers: int | None = None,
+    phash: bool = True,
+    cache_dir: str | os.PathLike | None = None,
 ) -> tuple[dict, int]:
-    """{path: inspect_file result} for every path, reusing cached results; (results, cached)."""
-    cache = _Cache()
+    """{path: inspect_file result} for every path, reusing results cached under ``cache_dir``
+    (``data.cache_dir``; None: the default cache folder); (results, cached)."""
+    cache = _Cache(cache_root(cache_dir))
     results, todo = {}, []
     for path in map(str, paths):
         hit = cache.get(path)
@@ -172,16 +177,18 @@ def inspect_files(
     return results, len(paths) - len(todo)
 
 
-def check_files(paths: Sequence, workers: int | None = None) -> list[Finding]:
+def check_files(
+    paths: Sequence, workers: int | None = None, cache_dir: str | os.PathLike | None = None
+) -> list[Finding]:
     """The files among ``paths`` that cannot be decoded (pre-flight check before training)."""
-    results, _ = inspect_files(paths, workers, phash=False)
+    results, _ = inspect_files(paths, workers, phash=False, cache_dir=cache_dir)
     return [
         Finding(path, rec["kind"], rec["error"]) for path, rec in results.items() if "error" in rec
     ]
 
 
 def _run_parallel(names: Sequence[str], workers: int | None, phash: bool = True) -> list[dict]:
-    workers = workers or _cpu_count()
+    workers = workers or cpu_count()
     inspect = inspect_file if phash else partial(inspect_file, phash=False)
     if len(names) < IN_PROCESS_BELOW or workers <= 1:
         return [inspect(n) for n in names]
@@ -196,8 +203,7 @@ def _run_parallel(names: Sequence[str], workers: int | None, phash: bool = True)
 class _Cache:
     """Per-folder JSON files of {file name: [size, mtime_ns, record]}; stale entries are redone."""
 
-    def __init__(self) -> None:
-        root = Path(os.environ.get("CNNKIT_CACHE_DIR") or "~/.cache/cnnkit").expanduser()
+    def __init__(self, root: Path) -> None:
         self.folder = root / "doctor"
         self.shards: dict[str, dict] = {}
         self.dirty: set[str] = set()
@@ -249,26 +255,24 @@ class _Cache:
         return self.folder / f"{key}.json"
 
 
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 # ---------------------------------------------------------------------------------------------
 # A dataset folder
 
 
-def scan(root: str | os.PathLike, workers: int | None = None) -> Report:
-    """Check every file of the dataset folder ``root``; see the module docstring."""
+def scan(
+    root: str | os.PathLike,
+    workers: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> Report:
+    """Check every file of the dataset folder ``root``; see the module docstring. ``cache_dir``:
+    the cache folder (``data.cache_dir``; None: the default)."""
     start = time.perf_counter()
     root = Path(root)
     if not root.is_dir():
         raise CnnkitError(f"doctor: {root} is not a folder of images")
     report = Report(root=str(root))
     images = _walk(root, report)  # {path: (split, class)}
-    results, report.cached = inspect_files(list(images), workers)
+    results, report.cached = inspect_files(list(images), workers, cache_dir=cache_dir)
     report.images = len(images)
     for path, rec in results.items():
         if "error" in rec:
@@ -302,34 +306,30 @@ def _walk(root: Path, report: Report) -> dict[str, tuple[str, str]]:
 
 
 def _dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not _is_junk(p.name))
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not is_junk(p.name))
 
 
 def _note_loose_files(folder: Path, report: Report) -> None:
     for path in sorted(folder.iterdir()):
-        if path.is_file() or (path.is_dir() and _is_junk(path.name)):
-            junk = _is_junk(path.name)
+        if path.is_file() or (path.is_dir() and is_junk(path.name)):
+            junk = is_junk(path.name)
             why = "hidden/junk: ignored" if junk else "not inside a class folder: ignored"
             report.warnings.append(Finding(str(path), "junk" if junk else "loose", why))
 
 
 def _files(folder: Path, report: Report) -> Iterable[str]:
     for top, dirs, names in os.walk(folder, followlinks=True):
-        for d in sorted(d for d in dirs if _is_junk(d)):
+        for d in sorted(d for d in dirs if is_junk(d)):
             report.warnings.append(Finding(str(Path(top, d)), "junk", "hidden/junk folder"))
-        dirs[:] = sorted(d for d in dirs if not _is_junk(d))
+        dirs[:] = sorted(d for d in dirs if not is_junk(d))
         for name in sorted(names):
             path = os.path.join(top, name)
-            if _is_junk(name):
+            if is_junk(name):
                 report.warnings.append(Finding(path, "junk", "hidden/junk file: ignored"))
-            elif not name.lower().endswith(IMAGE_EXTENSIONS):
+            elif not is_image_file(name):
                 report.warnings.append(Finding(path, "other", "not an image name: ignored"))
             else:
                 yield path
-
-
-def _is_junk(name: str) -> bool:
-    return name.startswith(".") or name in JUNK_NAMES or name.endswith("checkpoints")
 
 
 def _count_classes(images: dict, results: dict, report: Report) -> None:

@@ -13,13 +13,13 @@ was raised in a worker process (torch would otherwise prefix the worker's traceb
 
 from __future__ import annotations
 
-import os
 import signal
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
+from cnnkit.data.host import cpu_count
 from cnnkit.errors import CnnkitError
 
 MAX_AUTO_WORKERS = 8
@@ -228,7 +228,7 @@ def auto_workers(dataset: Dataset) -> int:
     nbytes = getattr(dataset, "nbytes", None)
     if nbytes is not None and nbytes < SMALL_IN_MEMORY:
         return 0
-    return min(_cpu_count(), MAX_AUTO_WORKERS)
+    return min(cpu_count(), MAX_AUTO_WORKERS)
 
 
 def worker_message(error: BaseException) -> str:
@@ -246,10 +246,3 @@ def worker_message(error: BaseException) -> str:
         if last.startswith(prefix):
             return last[len(prefix) :]
     return last
-
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1

@@ -22,9 +22,9 @@ from cnnkit.config import DataConfig
 from cnnkit.data import cache
 from cnnkit.data.augment import Augment
 from cnnkit.data.batchaug import BatchAugment, batchable
+from cnnkit.data.host import cache_root
 from cnnkit.data.loader import EpochSampler, auto_workers, make_loader
 from cnnkit.data.transforms import image_mode
-from cnnkit.errors import CnnkitError
 
 GPU_FRACTION = 0.3  # share of free GPU memory that decoded images may take on the device
 
@@ -118,11 +118,7 @@ def run_loader(
     ``aug``: the train augmentation (``Splits.augment``), or None for evaluation.
     ``weights``: per-sample weights for class-balanced sampling (with replacement).
     """
-    if cfg.decode_cache not in cache.MODES:
-        raise CnnkitError(
-            f"data.decode_cache must be one of {', '.join(cache.MODES)}, got '{cfg.decode_cache}'"
-        )
-    images = None if cfg.decode_cache == "off" else _images(dataset, preprocessing, aug, cfg, note)
+    images = _images(dataset, preprocessing, aug, cfg, note)
     loader_kw = dict(train=train, seed=seed, rank=rank, world_size=world_size, weights=weights)
     if images is None:
         return make_loader(
@@ -160,13 +156,15 @@ def _images(dataset, preprocessing: dict, aug: Augment | None, cfg: DataConfig, 
     decoded = getattr(dataset, "decoded", None)  # decoded once by data.build (its check)
     if decoded is not None and dataset.decoded_geometry == geometry and dataset.mode == mode:
         return decoded
-    channels = 1 if mode == "L" else 3
-    nbytes = len(dataset) * channels * geometry["size"][0] * geometry["size"][1]
-    if cfg.decode_cache == "auto" and nbytes > cache.budget_bytes(cfg.cache_memory):
-        note(
-            f"note: {len(dataset)} images take {nbytes / 2**30:.1f} GiB decoded, over the decode "
-            "budget; streaming them from the files (raise data.cache_memory to decode once)"
-        )
+    nbytes = cache.decoded_bytes(len(dataset), mode, geometry)
+    budget = cache.DecodeBudget(cfg.decode_cache, cfg.cache_memory)
+    if not budget.take(nbytes):
+        if budget.limited:
+            note(
+                f"note: {len(dataset)} images take {nbytes / 2**30:.1f} GiB decoded, over the "
+                "decode budget; streaming them from the files (raise data.cache_memory to decode "
+                "once)"
+            )
         return None
     if isinstance(dataset, TensorImageDataset):
         return _resized(dataset.images, geometry)
@@ -175,7 +173,7 @@ def _images(dataset, preprocessing: dict, aug: Augment | None, cfg: DataConfig, 
             dataset.paths,
             dataset.mode,
             geometry,
-            cache.cache_root(cfg.cache_dir),
+            cache_root(cfg.cache_dir),
             workers=auto_workers(dataset),
             note=note,
         )

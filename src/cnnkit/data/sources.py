@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 from cnnkit.config import DataConfig
 from cnnkit.data import augment, shards
 from cnnkit.data.augment import Augment
+from cnnkit.data.host import cache_root, cpu_count
 from cnnkit.data.images import (
     GRAY_MODES,
     IMAGE_EXTENSIONS,
@@ -293,31 +294,25 @@ def preflight(
     from cnnkit.data.doctor import Finding, check_files, error_kind
     from cnnkit.data.loader import auto_workers
 
-    if cfg.decode_cache not in cache.MODES:
-        raise CnnkitError(
-            f"data.decode_cache must be one of {', '.join(cache.MODES)}, got '{cfg.decode_cache}'"
-        )
+    budget = cache.DecodeBudget(cfg.decode_cache, cfg.cache_memory)
     names = ("train", "val", "test")
     files = {n: getattr(src, n) for n in names if isinstance(getattr(src, n), FileImageDataset)}
     if not files:
         return []
     note = note or cache.stderr_note
-    mode, chans = image_mode(plain), plain["in_chans"]
-    budget = cache.budget_bytes(cfg.cache_memory) if cfg.decode_cache == "auto" else None
+    mode, root = image_mode(plain), cache_root(cfg.cache_dir)
     bad, unchecked = [], []
     for name, dataset in files.items():
         geometry = cache.stored_geometry(plain, name == "train" and aug.random_resized_crop)
-        nbytes = len(dataset) * chans * geometry["size"][0] * geometry["size"][1]
-        if cfg.decode_cache == "off" or (budget is not None and nbytes > budget):
+        if not budget.take(cache.decoded_bytes(len(dataset), mode, geometry)):
             unchecked.append(dataset)  # streams; run_loader says so when it makes the loader
             continue
-        budget = budget - nbytes if budget is not None else None
         images, failures = cache.decode_checked(
             dataset.paths,
             dataset.stats,
             mode,
             geometry,
-            cache.cache_root(cfg.cache_dir),
+            root,
             workers=auto_workers(dataset),
             note=note,
         )
@@ -329,7 +324,7 @@ def preflight(
             else:
                 bad.append(Finding(path, error_kind(message), message))
     if cfg.check_files and unchecked:
-        bad += check_files([p for dataset in unchecked for p in dataset.paths])
+        bad += check_files([p for dataset in unchecked for p in dataset.paths], cache_dir=root)
     if bad and not cfg.skip_bad:
         shown = "; ".join(f"{f.path} ({f.kind})" for f in bad[:10])
         more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
@@ -364,12 +359,12 @@ def build_eval(
     """Labelled eval dataset for a trained model: a built-in's test split, a folder of class
     subfolders (with a train/ layout: its test/, else its val/), or a CSV; labels are mapped to
     ``classes`` (an unknown label raises) and images get ``eval_transform(preprocessing)``.
-    ``cache_dir``: where built-ins are stored (default: ``DataConfig().cache_dir``)."""
+    ``cache_dir``: where built-ins are stored (as ``data.cache_dir``; default: the cache folder)."""
     mode, transform = image_mode(preprocessing), eval_transform(preprocessing)
     key = _builtin_key(source)
     if key is not None and not Path(source).expanduser().exists():
         builtin = BUILTINS[key]
-        folder = Path(cache_dir or DataConfig().cache_dir).expanduser()
+        folder = cache_root(cache_dir)
         _, test, builtin_classes = builtin.load(folder)
         if builtin_classes != list(classes):
             raise CnnkitError(
@@ -413,7 +408,7 @@ def _read_source(cfg: DataConfig) -> _Source:
         name = Path(train.urls[0]).parent.name or "shards"
         src = _Source(name, train.classes, train, None, None, shards.fingerprint(train))
     elif key is not None and not path.exists():
-        src = _read_builtin(key, Path(cfg.cache_dir).expanduser())
+        src = _read_builtin(key, cache_root(cfg.cache_dir))
     else:
         path = _existing_path(cfg.source)
         src = _read_csv_source(path) if path.is_file() else _read_folder_source(path)
@@ -712,7 +707,7 @@ def _uint8_samples(train, plain: dict, indices: list[int]) -> list[torch.Tensor]
         image = load_image(train.paths[index], mode)
         return torch.from_numpy(cache.to_geometry(image, geometry, ops).copy())
 
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=min(8, cpu_count())) as pool:
         return list(pool.map(one, indices))
 
 

@@ -24,6 +24,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from cnnkit.data.augment import LARGE_INPUT, Augment, alternate_flips
+from cnnkit.data.images import mode_for
 from cnnkit.errors import CnnkitError
 
 CROP_RATIO = 0.875  # eval on large inputs: resize the shorter side to size / 0.875 (224 <- 256)
@@ -59,7 +60,7 @@ def make_preprocessing(
 
 def image_mode(preprocessing: dict) -> str:
     """PIL mode to load images in for this preprocessing: "L" for 1 channel, else "RGB"."""
-    return "L" if preprocessing["in_chans"] == 1 else "RGB"
+    return mode_for(preprocessing["in_chans"])
 
 
 def eval_transform(preprocessing: dict) -> v2.Compose:

@@ -16,7 +16,7 @@ from torch import nn
 
 from cnnkit.data import load_image
 from cnnkit.data.images import list_images
-from cnnkit.data.transforms import eval_transform
+from cnnkit.data.transforms import eval_transform, image_mode
 from cnnkit.engine import runtime
 from cnnkit.errors import CnnkitError
 
@@ -70,7 +70,7 @@ class Predictor:
         self.meta = meta
         self.classes = meta["classes"]
         self.transform = eval_transform(meta["preprocessing"])
-        self.mode = "L" if meta["in_chans"] == 1 else "RGB"
+        self.mode = image_mode(meta["preprocessing"])
 
     def predict(self, inputs, top_k: int = 5, batch_size: int = 64) -> list[dict]:
         """One dict per image: ``{"input": name, "top": [{"class", "index", "prob"}, ...]}``."""
