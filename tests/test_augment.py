@@ -13,8 +13,8 @@ from cnnkit.config import DataConfig
 from cnnkit.data import Augment, build, make_loader
 from cnnkit.data.augment import OPS, resolve
 from cnnkit.data.batchaug import BatchAugment, batchable
+from cnnkit.data.datasets import TensorImageDataset
 from cnnkit.data.memory import MemoryLoader, run_loader
-from cnnkit.data.sources import TensorImageDataset
 from cnnkit.data.transforms import SampleAugment, make_preprocessing
 from cnnkit.errors import CnnkitError
 

@@ -26,7 +26,7 @@ from cnnkit.data import (
     make_loader,
 )
 from cnnkit.data.loader import EpochSampler, worker_message
-from cnnkit.data.sources import stratified_split
+from cnnkit.data.readers import stratified_split
 from cnnkit.errors import CnnkitError
 from conftest import make_folder
 
@@ -390,7 +390,7 @@ def test_given_mean_std_are_used_and_checked(tmp_path):
 
 
 def test_subsets_keep_their_transform(tmp_path):
-    from cnnkit.data.sources import FileImageDataset, TensorImageDataset
+    from cnnkit.data.datasets import FileImageDataset, TensorImageDataset
 
     def tag(x):
         return ("tagged", x)

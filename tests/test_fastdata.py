@@ -99,7 +99,7 @@ def test_memory_loader_visits_the_same_batches_as_the_dataloader():
     targets = list(range(50))
     normalise_only = BatchAugment(None, MEAN, STD, (8, 8))
     memory = MemoryLoader(images, targets, 8, normalise_only, train=True, seed=4, device="cpu")
-    from cnnkit.data.sources import TensorImageDataset
+    from cnnkit.data.datasets import TensorImageDataset
 
     loader = make_loader(TensorImageDataset(images, targets), 8, train=True, seed=4)
     for epoch in (0, 3):
@@ -171,8 +171,9 @@ def test_the_decode_once_pass_is_the_preflight_check_cold_and_warm(tmp_path, mon
         assert [(f.path, f.kind) for f in splits.skipped] == [(str(bad), "unreadable")]
         assert len(splits.train) + len(splits.val) == 18
         assert str(bad) not in map(str, splits.train.paths + splits.val.paths)
-        assert splits.train.decoded.shape[0] == len(splits.train)
-    assert torch.equal(cold.train.decoded, warm.train.decoded) and cold.mean == warm.mean
+        assert splits.train.decoded.images.shape[0] == len(splits.train)
+    assert torch.equal(cold.train.decoded.images, warm.train.decoded.images)
+    assert cold.mean == warm.mean
     assert not (tmp_path / "cache" / "doctor").exists()  # checked by the decode pass alone
     cfg.skip_bad = False
     with pytest.raises(ImageFileError, match="zz-truncated.png"):

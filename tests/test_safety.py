@@ -18,7 +18,7 @@ import cnnkit
 from cnnkit import data
 from cnnkit.api import resolve_config
 from cnnkit.cli.main import run
-from cnnkit.data.sources import FileImageDataset
+from cnnkit.data.datasets import FileImageDataset
 from cnnkit.engine import checkpoint, runtime
 from cnnkit.engine.checkpoint import (
     load_checkpoint,

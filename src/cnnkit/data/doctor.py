@@ -1,7 +1,8 @@
 """Dataset health scan: every file fully decoded (in parallel), odd files, classes and duplicates.
 
 ``scan(root)`` reads a folder laid out as training reads it (``root/<class>/*`` or
-``root/{train,val,test}/<class>/*``) and returns a ``Report``:
+``root/{train,val,test}/<class>/*``, the rules of ``cnnkit.data.readers``) and returns a
+``Report``:
 
 - errors (training cannot use the file): zero-byte, unreadable or truncated, not an image despite
   its extension, over the decompression-bomb limit; empty classes; duplicates across splits
@@ -36,11 +37,11 @@ import PIL
 
 from cnnkit.data.host import cache_root, cpu_count
 from cnnkit.data.images import ImageFileError, decode, is_image_file, is_junk
+from cnnkit.data.readers import class_dirs, split_folders
 from cnnkit.errors import CnnkitError
 from cnnkit.fileio import atomic_write_bytes
 
 CACHE_VERSION = f"doctor-1/pillow-{PIL.__version__}"  # a new Pillow may decode differently
-SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 UNUSUAL_MODES = frozenset({"CMYK", "RGBA", "LA", "PA", "I", "I;16", "I;16B", "I;16L", "F", "1"})
 TINY_SIDE = 16  # px: a shorter side below this is reported
 MAX_ASPECT = 4.0  # longer / shorter side above this is reported
@@ -291,22 +292,15 @@ def scan(
 
 def _walk(root: Path, report: Report) -> dict[str, tuple[str, str]]:
     """Image files -> (split, class); junk, hidden and non-image files go to the warnings."""
-    splits = {SPLIT_DIRS[d.name]: d for d in _dirs(root) if d.name in SPLIT_DIRS}
-    if "train" not in splits:
-        splits = {"train": root}
     images = {}
-    for split, folder in splits.items():
-        classes = _dirs(folder)
+    for split, folder in split_folders(root).items():
+        classes = class_dirs(folder)
         report.classes[split] = {c.name: 0 for c in classes}
         _note_loose_files(folder, report)
         for cls in classes:
             for path in _files(cls, report):
                 images[path] = (split, cls.name)
     return images
-
-
-def _dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not is_junk(p.name))
 
 
 def _note_loose_files(folder: Path, report: Report) -> None:

@@ -22,6 +22,7 @@ from cnnkit.config import DataConfig
 from cnnkit.data import cache
 from cnnkit.data.augment import Augment
 from cnnkit.data.batchaug import BatchAugment, batchable
+from cnnkit.data.datasets import FileImageDataset, TensorImageDataset
 from cnnkit.data.host import cache_root
 from cnnkit.data.loader import EpochSampler, auto_workers, make_loader
 from cnnkit.data.transforms import image_mode
@@ -129,8 +130,6 @@ def run_loader(
             **loader_kw,
         )
     if aug is not None and not batchable(aug):
-        from cnnkit.data.sources import TensorImageDataset
-
         # the per-sample executor works on uint8 tensors as on PIL images (resizes to the stored
         # size are no-ops)
         memory = TensorImageDataset(images, dataset.targets, dataset.transform)
@@ -149,13 +148,11 @@ def run_loader(
 
 def _images(dataset, preprocessing: dict, aug: Augment | None, cfg: DataConfig, note):
     """The split as uint8 (N, C, H, W) at the stored geometry, or None when it must stream."""
-    from cnnkit.data.sources import FileImageDataset, TensorImageDataset
-
     geometry = cache.stored_geometry(preprocessing, aug is not None and aug.random_resized_crop)
     mode = image_mode(preprocessing)
-    decoded = getattr(dataset, "decoded", None)  # decoded once by data.build (its check)
-    if decoded is not None and dataset.decoded_geometry == geometry and dataset.mode == mode:
-        return decoded
+    decoded = dataset.decoded if isinstance(dataset, FileImageDataset) else None
+    if decoded is not None and decoded.geometry == geometry and dataset.mode == mode:
+        return decoded.images  # decoded once by data.build (its pre-flight check)
     nbytes = cache.decoded_bytes(len(dataset), mode, geometry)
     budget = cache.DecodeBudget(cfg.decode_cache, cfg.cache_memory)
     if not budget.take(nbytes):

@@ -40,6 +40,8 @@ from urllib.parse import urlparse
 from torch.utils.data import IterableDataset, get_worker_info
 
 from cnnkit.data import images as image_files
+from cnnkit.data.datasets import read_local
+from cnnkit.data.host import cache_root
 from cnnkit.data.loader import mix_seed
 from cnnkit.errors import CnnkitError
 from cnnkit.fileio import atomic_write_bytes
@@ -85,20 +87,18 @@ def write_shards(
     shard_size: int = 10**9,
     samples_per_shard: int | None = None,
     seed: int = 0,
+    cache_dir: str | None = None,
     note=print,
 ) -> dict:
     """Write ``source`` (folder, CSV or built-in; its train/val/test splits) as tar shards in
-    ``out``; returns the meta dict also written to ``out/meta.json``."""
+    ``out``; returns the meta dict also written to ``out/meta.json``. ``cache_dir``: where
+    built-ins are stored (as ``data.cache_dir``)."""
     wds = _webdataset()
-
-    from cnnkit.config import DataConfig
-    from cnnkit.data.sources import _read_source
-
     out = Path(out)
     if out.exists() and any(out.glob("*.tar")):
         raise CnnkitError(f"{out} already holds .tar shards; choose an empty folder")
     out.mkdir(parents=True, exist_ok=True)
-    src = _read_source(DataConfig(source=source))
+    src = read_local(source, cache_root(cache_dir))
     meta: dict = {"format": "cnnkit-shards-1", "classes": src.classes, "shards": {}}
     for split in SPLITS:
         dataset = getattr(src, split)
