@@ -25,16 +25,16 @@ import json
 import multiprocessing
 import os
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import PIL
 
+from cnnkit.data import duplicates
 from cnnkit.data.host import cache_root, cpu_count
 from cnnkit.data.images import ImageFileError, decode, is_image_file, is_junk
 from cnnkit.data.readers import class_dirs, split_folders
@@ -282,9 +282,9 @@ def scan(
             report.warnings.extend(_file_warnings(path, rec["facts"]))
     _count_classes(images, results, report)
     splits = {p: images[p][0] for p in results}
-    report.exact_duplicates = _exact_duplicates(results, splits)
+    report.exact_duplicates = duplicates.exact(results, splits)
     exact = {(d["a"], d["b"]) for d in report.exact_duplicates}
-    near = _near_duplicates(results, splits)
+    near = duplicates.near(results, splits, NEAR_BITS)
     report.near_duplicates = [d for d in near if (d["a"], d["b"]) not in exact]
     report.seconds = time.perf_counter() - start
     return report
@@ -347,63 +347,6 @@ def _count_classes(images: dict, results: dict, report: Report) -> None:
                 "train", "imbalance", f"largest/smallest class = {worst:.1f}; --balance sampler"
             )
         )
-
-
-def _exact_duplicates(results: dict, splits: dict) -> list[dict]:
-    groups = defaultdict(list)
-    for path, rec in results.items():
-        if "sha" in rec and "error" not in rec:
-            groups[rec["sha"]].append(path)
-    return [_pair(a, b, splits) for paths in groups.values() for a, b in _chain(sorted(paths))]
-
-
-def _chain(paths: list[str]) -> list[tuple[str, str]]:
-    """Each file of a group paired with the group's first (n - 1 pairs, not n^2)."""
-    return [(paths[0], other) for other in paths[1:]]
-
-
-def _pair(a: str, b: str, splits: dict, bits: int | None = None) -> dict:
-    pair = {"a": a, "b": b, "cross_split": splits[a] != splits[b]}
-    if bits is not None:
-        pair["bits"] = bits
-    return pair
-
-
-def _near_duplicates(results: dict, splits: dict) -> list[dict]:
-    """Pairs of perceptual hashes within NEAR_BITS bits. Pigeonhole: two 64-bit hashes that
-    differ in at most k bits agree exactly on at least one of k + 1 bands, so only files sharing
-    a band value are compared (near-linear instead of all n^2 pairs)."""
-    paths = [p for p, rec in results.items() if "phash" in rec]
-    if len(paths) < 2:
-        return []
-    hashes = np.array([int(results[p]["phash"], 16) for p in paths], dtype=np.uint64)
-    found: dict[tuple[int, int], int] = {}
-    bands = NEAR_BITS + 1
-    width = -(-64 // bands)
-    for band in range(bands):
-        keys = (hashes >> np.uint64(band * width)) & np.uint64((1 << width) - 1)
-        order = np.argsort(keys, kind="stable")
-        _close_pairs(hashes, order, keys[order], found)
-    pairs = sorted(found.items())
-    return [_pair(paths[i], paths[j], splits, bits) for (i, j), bits in pairs]
-
-
-def _close_pairs(hashes: np.ndarray, order: np.ndarray, keys: np.ndarray, found: dict) -> None:
-    """Compare each file with the next ``gap`` files of the same band value, gap = 1, 2, ...
-    (one vectorised pass per gap, until no group is that long)."""
-    for gap in range(1, len(order)):
-        same = np.flatnonzero(keys[gap:] == keys[:-gap])
-        if not len(same):
-            return
-        i, j = order[same], order[same + gap]
-        bits = _popcount(hashes[i] ^ hashes[j])
-        close = bits <= NEAR_BITS
-        for a, b, n in zip(i[close].tolist(), j[close].tolist(), bits[close].tolist(), strict=True):
-            found[(min(a, b), max(a, b))] = n
-
-
-def _popcount(x: np.ndarray) -> np.ndarray:
-    return np.unpackbits(x.view(np.uint8).reshape(-1, 8), axis=1).sum(1)
 
 
 # ---------------------------------------------------------------------------------------------
