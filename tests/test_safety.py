@@ -228,8 +228,8 @@ class _Poisoned(FileImageDataset):
 
     poison, target = False, None
 
-    def sample(self, index: int, epoch: int):
-        x, y = super().sample(index, epoch)
+    def __getitem__(self, index: int):
+        x, y = super().__getitem__(index)
         if self.poison and self.paths[index] == self.target:
             x = torch.full_like(x, float("nan"))
         return x, y

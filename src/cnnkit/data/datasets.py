@@ -5,7 +5,7 @@
 validation split is carved. ``cnnkit.data.build`` adds tar shards, transforms and the rest.
 
 Datasets yield ``(transform(image), target)``. A ``SampleAugment`` transform also gets the
-sample's index and epoch (``sample(index, epoch)``, which the loaders call).
+sample's index and epoch (``sample(index, epoch)``, which the loaders call when it matters).
 """
 
 from __future__ import annotations
@@ -55,6 +55,10 @@ class TensorImageDataset(EpochDataset):
     def with_transform(self, transform, mode: str | None = None) -> TensorImageDataset:
         """Same images (shared memory) with another transform; ``mode`` is for file datasets."""
         return TensorImageDataset(self.images, self.targets, transform)
+
+    @property
+    def epoch_dependent(self) -> bool:
+        return _epoch_dependent(self.transform)
 
     @property
     def deterministic(self) -> bool:
@@ -133,6 +137,10 @@ class FileImageDataset(EpochDataset):
             self.paths, self.targets, self.mode, self.transform, self._stats, decoded
         )
 
+    @property
+    def epoch_dependent(self) -> bool:
+        return _epoch_dependent(self.transform)
+
     def __len__(self) -> int:
         return len(self.paths)
 
@@ -148,6 +156,10 @@ def _transformed(transform, image, index: int, epoch: int):
     if isinstance(transform, SampleAugment):
         return transform(image, index, epoch)
     return transform(image)
+
+
+def _epoch_dependent(transform) -> bool:
+    return isinstance(transform, SampleAugment) and transform.epoch_dependent
 
 
 def _rows(indices: Sequence[int]) -> torch.Tensor:

@@ -89,7 +89,10 @@ class EpochSampler(Sampler):
 class EpochDataset(Dataset):
     """A map-style dataset whose samples may depend on the epoch as well as on the index
     (``hflip=alternate``): ``sample(index, epoch)``; ``dataset[index]`` is its epoch 0. The
-    loaders call ``sample``: a subclass that changes samples overrides it, not ``__getitem__``."""
+    loaders call ``sample`` only while ``epoch_dependent``, else ``dataset[index]`` as for any
+    dataset (so a subclass may still override ``__getitem__``)."""
+
+    epoch_dependent = False
 
     def sample(self, index: int, epoch: int):
         raise NotImplementedError
@@ -100,8 +103,8 @@ class EpochDataset(Dataset):
 
 class SeededDataset(Dataset):
     """Wraps a dataset: item ``(index, epoch)`` is ``dataset[index]`` (``dataset.sample(index,
-    epoch)`` for an ``EpochDataset``) computed under the CPU RNG seeded by (seed, epoch, index);
-    the caller's RNG state is restored afterwards."""
+    epoch)`` when it is ``epoch_dependent``) computed under the CPU RNG seeded by (seed, epoch,
+    index); the caller's RNG state is restored afterwards."""
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
         self.dataset, self.seed = dataset, seed
@@ -115,7 +118,7 @@ class SeededDataset(Dataset):
         # default_generator only: torch.manual_seed would also reseed CUDA in the main process
         torch.default_generator.manual_seed(mix_seed(self.seed, epoch, index))
         try:
-            if isinstance(self.dataset, EpochDataset):
+            if isinstance(self.dataset, EpochDataset) and self.dataset.epoch_dependent:
                 return self.dataset.sample(index, epoch)
             return self.dataset[index]
         finally:

@@ -105,6 +105,12 @@ class SampleAugment:
         self.normalise = ToNormalizedTensor(preprocessing["mean"], preprocessing["std"])
         self.erase = v2.RandomErasing(aug.random_erasing) if aug.random_erasing > 0 else None
 
+    @property
+    def epoch_dependent(self) -> bool:
+        """True when an image's augmentation depends on its index and the epoch, not only on
+        the RNG (alternating flips)."""
+        return self.aug.hflip == "alternate"
+
     def __call__(self, image, index: int | None = None, epoch: int = 0) -> torch.Tensor:
         return self.apply(image, self.draw(image, index, epoch))
 
