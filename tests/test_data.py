@@ -263,6 +263,33 @@ def test_corrupt_file_met_while_loading_names_the_file(tmp_path, workers):
         build(cfg_for(root, val_fraction=0), seed=0)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_file_turning_bad_in_the_middle_of_training_stops_it_naming_the_file(tmp_path, workers):
+    import cnnkit
+    from cnnkit.api import resolve_config
+    from cnnkit.engine import runtime
+    from cnnkit.engine.checkpoint import load_checkpoint
+    from cnnkit.engine.fit import fit
+
+    root = make_class_folder(tmp_path / "pets", per_class=4, modes=("RGB",))
+    cfg = resolve_config(str(root), epochs=2, batch_size=4, num_workers=workers)
+    cfg.data.decode_cache = "off"  # read from the files at every step, not decoded once
+    cfg.train.progress = "plain"
+    splits = build(cfg.data, seed=0)
+    model = cnnkit.create_model("test_simple_cnn", num_classes=3, in_chans=3)
+    run_dir, meta = tmp_path / "run", {"arch": "test_simple_cnn"}
+    rt = runtime.resolve(cfg.runtime)
+    fit(model, splits, cfg, run_dir, meta, rt, stop_after=1)  # epoch 1 reads every file
+    bad = Path(splits.train.paths[2])
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n and then nothing an image holds")
+    last = run_dir / "checkpoints" / "last.pt"
+    with pytest.raises(ImageFileError) as info:
+        fit(model, splits, cfg, run_dir, meta, rt, resume=load_checkpoint(last))
+    message = str(info.value)
+    assert str(bad) in message and "\n" not in message and "Traceback" not in message
+    assert load_checkpoint(last)["epoch"] == 1  # nothing saved for the epoch it stopped in
+
+
 def test_worker_message_restores_the_original_line():
     text = (
         "Caught ImageFileError in DataLoader worker process 1.\nOriginal Traceback (most "

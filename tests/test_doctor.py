@@ -9,15 +9,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import cnnkit
+from cnnkit import data
+from cnnkit.api import resolve_config
 from cnnkit.cli.main import run
 from cnnkit.config import DataConfig
 from cnnkit.data import build
-from cnnkit.data.doctor import check_files, scan
+from cnnkit.data.datasets import FileImageDataset
+from cnnkit.data.doctor import check_files, scan, summary
 from cnnkit.data.images import ImageFileError, decode, is_image_file
 from cnnkit.data.loader import EpochSampler
+from cnnkit.engine import runtime
+from cnnkit.engine.fit import fit
 from conftest import write_image
 
 BAD = {"zero.jpg": "empty", "trunc.jpg": "unreadable", "text.png": "not_image", "bomb.png": "bomb"}
@@ -170,6 +176,48 @@ def test_training_stops_on_bad_files_unless_skip_bad(tmp_path, sick, capsys):
     assert result.fit.epochs_done == 1
 
 
+def _pairs(found: list[dict]) -> set[tuple[str, str, bool]]:
+    return {(Path(p["a"]).name, Path(p["b"]).name, p["cross_split"]) for p in found}
+
+
+def test_duplicates_within_one_split_are_reported_but_are_no_leak(tmp_path):
+    root = tmp_path / "dups"
+    for split, seeds in (("train", range(4)), ("test", range(50, 52))):
+        for c, (name, color) in enumerate({"cat": (200, 60, 60), "dog": (60, 60, 200)}.items()):
+            for i in seeds:
+                write_image(root / split / name / f"{i}.png", color, (32, 32), seed=c * 100 + i)
+    train = root / "train"
+    (train / "dog" / "copy.png").write_bytes((train / "cat" / "0.png").read_bytes())
+    Image.open(train / "cat" / "1.png").save(train / "cat" / "resaved.jpg", quality=90)
+    report = scan(root)
+    assert _pairs(report.exact_duplicates) == {("0.png", "copy.png", False)}
+    assert _pairs(report.near_duplicates) == {("1.png", "resaved.jpg", False)}
+    assert report.leaks == [] and report.ok  # a warning: training can still use them
+    text = summary(report)
+    assert "duplicates within a split: 2" in text and "leakage" not in text
+    assert str(train / "cat" / "resaved.jpg") in text
+
+
+def _smooth_pattern(path: Path, seed: int) -> None:
+    """A 48x48 image of smooth random blobs: most of its energy in the low frequencies a
+    perceptual hash looks at, so unrelated images are not told apart by noise alone."""
+    coarse = np.random.default_rng(seed).integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(coarse).resize((48, 48), Image.Resampling.BICUBIC).save(path)
+
+
+def test_distinct_images_are_never_called_duplicates(tmp_path):
+    root = tmp_path / "distinct"
+    for i in range(60):
+        _smooth_pattern(root / "train" / f"c{i % 3}" / f"{i}.png", seed=i)
+    for i in range(60, 80):
+        _smooth_pattern(root / "test" / f"c{i % 3}" / f"{i}.png", seed=i)
+    report = scan(root)
+    assert report.images == 80 and not report.errors
+    assert report.exact_duplicates == [] and report.near_duplicates == []
+    assert report.ok and "duplicates" not in summary(report)
+
+
 def _imbalanced(root: Path) -> Path:
     for c, (name, color, count) in enumerate(
         [("red", (220, 40, 40), 30), ("blue", (40, 60, 220), 6)]
@@ -179,7 +227,7 @@ def _imbalanced(root: Path) -> Path:
     return root
 
 
-def test_imbalance_is_reported_balanced_and_measured(tmp_path):
+def test_imbalance_is_reported_and_the_weighted_sampler_draws_evenly(tmp_path):
     root = _imbalanced(tmp_path / "skewed")
     report = scan(root)
     assert report.imbalance["train"] == 5.0 and report.balance == "sampler" and report.ok
@@ -189,11 +237,68 @@ def test_imbalance_is_reported_balanced_and_measured(tmp_path):
         sampler.set_epoch(epoch)
         drawn += [i for i, _ in sampler]
     assert 0.4 < sum(i >= 30 for i in drawn) / len(drawn) < 0.6  # blue drawn half the time
-    for balance in ("auto", "loss"):
-        result = cnnkit.train(
-            str(root), epochs=1, out_dir=str(tmp_path / balance), num_workers=0, balance=balance
-        )
-        header = (result.run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
+
+
+class _Recording(FileImageDataset):
+    """The training split as read from its files, noting the class of every image drawn."""
+
+    drawn: list[int] = []
+
+    def __getitem__(self, index: int):
+        image, label = super().__getitem__(index)
+        self.drawn.append(label)
+        return image, label
+
+
+class _RecordingLoss(torch.nn.CrossEntropyLoss):
+    """nn.CrossEntropyLoss, noting the class weights of every call made in a training step."""
+
+    weights: list = []
+
+    def forward(self, logits, targets):
+        if torch.is_grad_enabled():  # not evaluation's own (unweighted) loss
+            self.weights.append(self.weight)
+        return super().forward(logits, targets)
+
+
+def _fit_with_balance(tmp_path, root: Path, balance: str, capsys):
+    """Train 3 epochs with ``balance``: (classes drawn, loss weights, train split, printed)."""
+    cfg = resolve_config(
+        str(root), epochs=3, batch_size=8, num_workers=0, balance=balance, progress="plain"
+    )
+    cfg.data.decode_cache = "off"  # stream from the files, so each draw reads the dataset
+    splits = data.build(cfg.data, seed=0)
+    train = splits.train
+    splits.train = _Recording(train.paths, train.targets, train.mode, train.transform)
+    _Recording.drawn, _RecordingLoss.weights = [], []
+    model = cnnkit.create_model("test_simple_cnn", num_classes=2, in_chans=3)
+    rt = runtime.resolve(cfg.runtime)
+    fit(model, splits, cfg, tmp_path / balance, {"arch": "test_simple_cnn"}, rt)
+    return _Recording.drawn, _RecordingLoss.weights, splits, capsys.readouterr().out
+
+
+def test_balance_modes_reach_the_sampler_and_the_loss(tmp_path, monkeypatch, capsys):
+    root = _imbalanced(tmp_path / "skewed")  # red 30, blue 6 (less the carved validation)
+    monkeypatch.setattr(torch.nn, "CrossEntropyLoss", _RecordingLoss)
+    modes = {"auto": "sampler", "sampler": "sampler", "loss": "loss", "none": "none"}
+    for balance, used in modes.items():
+        drawn, weights, splits, printed = _fit_with_balance(tmp_path, root, balance, capsys)
+        assert f"balance {used}," in printed
+        blue = splits.classes.index("blue")
+        counts = [splits.train.targets.count(c) for c in range(2)]
+        steps = len(splits.train) // 8  # per epoch, the last partial batch dropped
+        assert len(drawn) == 3 * steps * 8 and len(weights) == 3 * steps, (len(drawn), steps)
+        share = drawn.count(blue) / len(drawn)
+        if used == "sampler":  # minority drawn about as often as the majority
+            assert 0.35 < share < 0.65, (share, counts)
+        else:  # each image once an epoch (32 images: 4 full batches)
+            assert sorted(drawn) == sorted(splits.train.targets * 3), (share, counts)
+        if used == "loss":  # n / (k * count): inverse frequency, each class weighing the same
+            expected = torch.tensor([sum(counts) / (2 * c) for c in counts])
+            assert all(w is not None and torch.allclose(w, expected) for w in weights), weights
+        else:
+            assert all(w is None for w in weights)
+        header = (tmp_path / balance / "metrics.csv").read_text().splitlines()[0].split(",")
         assert {"val_balanced_acc", "val_recall_red", "val_recall_blue"} <= set(header)
 
 

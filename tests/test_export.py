@@ -3,13 +3,17 @@ trained on digits in the test session (real images, real ONNX Runtime, real Torc
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import sys
 
 import pytest
+import torch
 
+import cnnkit
 from cnnkit.cli.main import run
+from cnnkit.data import make_loader
 from cnnkit.deploy import export as export_mod
 from cnnkit.errors import CnnkitError
 
@@ -101,6 +105,84 @@ def test_failed_parity_check_writes_nothing(digits_model, monkeypatch):
         export_mod.export(digits_model, "onnx", out=target)
     assert not target.exists()
     assert not list(digits_model.parent.glob(".*tmp*"))
+
+
+def _export_from_a_changed_model(monkeypatch, fmt: str, change) -> None:
+    """Make ``export(..., fmt)`` write the file from a copy of the model whose last linear layer
+    (the logits) ``change`` altered; the parity check still compares it with the model file."""
+    write = export_mod.WRITERS[fmt]
+
+    def write_changed(model, path, images):
+        other = copy.deepcopy(model)
+        logits_layer = [m for m in other.modules() if isinstance(m, torch.nn.Linear)][-1]
+        with torch.no_grad():
+            change(logits_layer)
+        return write(other, path, images)
+
+    monkeypatch.setitem(export_mod.WRITERS, fmt, write_changed)
+
+
+def _refused(digits_model, fmt: str, name: str) -> str:
+    target = digits_model.parent / name
+    with pytest.raises(CnnkitError, match=f"{fmt} export of .* failed its parity check") as info:
+        export_mod.export(digits_model, fmt, out=target)
+    assert "nothing was written" in str(info.value)
+    assert not target.exists(), "a refused export was moved into place"
+    assert not list(digits_model.parent.glob(".*tmp*")), "temporary files left behind"
+    return str(info.value)
+
+
+def _flip_bias(digits_model, flips: int) -> tuple[int, float]:
+    """(class, bias shift) that moves the top-1 of exactly ``flips`` validation images to that
+    class, in fp32, with the widest margin on both sides (so int8 rounding keeps the count)."""
+    model = cnnkit.load_model(digits_model)
+    images = export_mod.parity_data(digits_model, model.meta, None).validation
+    with torch.no_grad():
+        logits = torch.cat([model(x) for x, _ in make_loader(images, 64, train=False, seed=0)])
+    best = None
+    for c in range(logits.shape[1]):
+        others = logits.argmax(1) != c
+        gaps = (logits[others].max(1).values - logits[others, c]).sort().values
+        margin = float(gaps[flips] - gaps[flips - 1])
+        if best is None or margin > best[0]:
+            best = (margin, c, float(gaps[flips - 1] + gaps[flips]) / 2)
+    return best[1], best[2]
+
+
+def test_int8_agreement_below_99_percent_is_refused(digits_model, monkeypatch):
+    # 3 of the 145 validation images moved to another class: 97.9% agreement (int8 alone >= 99%)
+    cls, shift = _flip_bias(digits_model, flips=3)
+    _export_from_a_changed_model(monkeypatch, "int8", lambda fc: fc.bias[cls].add_(shift))
+    message = _refused(digits_model, "int8", "refused.int8.onnx")
+    assert "(top-1 agreement below 99%)" in message
+    agreement = float(message.split("top-1 agreement ")[-1].split("%")[0])
+    assert 95.0 < agreement < 99.0, message
+
+
+def test_torchscript_whose_logits_drift_is_refused(digits_model, monkeypatch):
+    # logits 0.1% larger: every top-1 the same, but 10x the fp32 tolerance
+    _export_from_a_changed_model(
+        monkeypatch, "torchscript", lambda fc: [p.mul_(1.001) for p in fc.parameters()]
+    )
+    message = _refused(digits_model, "torchscript", "refused.torchscript.pt")
+    assert "(logits differ by more than 0.0001 of their scale)" in message
+    assert "top-1 agreement 100.00%" in message and "top-1 differs" not in message
+
+
+@pytest.mark.parametrize(
+    "fmt, relative_diff, agreement, passed",
+    [
+        ("int8", 0.5, 0.99, True),
+        ("int8", 0.5, 0.9899, False),
+        ("onnx", 1e-4, 1.0, True),
+        ("torchscript", 1.01e-4, 1.0, False),
+        ("torchscript", 0.0, 0.999, False),
+    ],
+)
+def test_parity_gates(fmt, relative_diff, agreement, passed):
+    parity = export_mod.Parity(relative_diff, 1.0, agreement, 1000, None, None)
+    export_mod._judge(parity, fmt)
+    assert parity.passed is passed and bool(parity.problems) is not passed
 
 
 def test_model_outside_its_run_needs_data(digits_model, tmp_path, capsys):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 import pytest
@@ -141,9 +140,9 @@ def test_decode_cache_matches_per_file_decoding_and_is_reused(tmp_path):
     warm = decoded_images(paths, "RGB", geometry, tmp_path / "cache", workers=2, note=notes.append)
     assert torch.equal(warm, cold) and notes == []  # read back, nothing decoded
 
-    time.sleep(0.01)
+    before = paths[0].stat().st_mtime_ns
     Image.new("RGB", (20, 16), (1, 2, 3)).save(paths[0])  # same size on disk may differ: mtime
-    os.utime(paths[0], ns=(time.time_ns(), time.time_ns()))
+    os.utime(paths[0], ns=(before + 10**9, before + 10**9))  # a later mtime, whatever the clock
     changed = decoded_images(
         paths, "RGB", geometry, tmp_path / "cache", workers=1, note=notes.append
     )

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import numpy as np
 import pytest
@@ -90,16 +89,23 @@ def test_train_with_auto_lr_learns_digits(tmp_path):
     assert result.test["acc"] >= 0.95, result.test
 
 
-def test_lr_find_cli_writes_plot(tmp_path, capsys):
+def test_lr_find_cli_suggests_a_good_lr_and_train_lr_auto_uses_it(tmp_path, capsys):
     out = tmp_path / "lr.png"
-    code = cli(
-        ["lr-find", "digits", "--model", "test_simple_cnn", "--steps", "60", "--out", str(out)]
-    )
-    assert code == 0, capsys.readouterr().err
+    assert cli(["lr-find", "digits", "--out", str(out)]) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
-    assert "suggested lr" in printed and out.stat().st_size > 5000
-    value = float(printed.split("suggested lr: ")[1].split()[0])
-    assert math.isfinite(value) and 1e-6 <= value <= 10
+    assert "swept 200 steps" in printed and out.stat().st_size > 5000
+    suggested = float(printed.split("suggested lr: ")[1].split()[0])
+    assert GOOD_DIGITS_LRS[0] <= suggested <= GOOD_DIGITS_LRS[1], suggested
+
+    # `--lr auto` runs the same sweep (same model, data, batch and seed) and trains with it
+    argv = ["train", "--lr", "auto", "--epochs", "1", "--no-report", "--num-workers", "0"]
+    assert cli([*argv, "--name", "auto", f"train.out_dir={tmp_path}"]) == 0
+    printed = capsys.readouterr().out
+    assert f"lr finder: suggested lr {suggested:g} " in printed, printed
+    run_dir = tmp_path / "auto"
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["lr"] == suggested
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert {g["initial_lr"] for g in state["optimizer"]["param_groups"]} == {suggested}
 
 
 def test_bad_lr_values(capsys):

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import sys
-import time
 import urllib.error
 
 import pytest
 import torch
 import torchvision
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from cnnkit.errors import CnnkitError
 from cnnkit.models import (
@@ -352,10 +353,27 @@ def test_zoo_matches_torchvision_sizes():
     assert info["gflops"] == pytest.approx(model_info(theirs, (3, 224, 224))["gflops"], rel=1e-3)
 
 
-def test_summary_rows_cover_the_zoo_quickly():
-    start = time.perf_counter()
-    rows = summary_rows()
-    assert time.perf_counter() - start < 15
+class _RealTensors(TorchDispatchMode):
+    """Notes the size of every tensor an operation produces outside the meta device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.elements: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in tree_flatten(out)[0]:
+            if isinstance(value, torch.Tensor) and value.device.type != "meta":
+                self.elements.append(value.numel())
+        return out
+
+
+def test_summary_rows_cover_the_zoo_without_computing():
+    # quick because every model is built and measured on the meta device: no weights are
+    # allocated or initialised, no convolution runs (resnet50 alone would be 25M weights)
+    with _RealTensors() as real:
+        rows = summary_rows()
+    assert max(real.elements, default=0) < 1000, sorted(real.elements)[-5:]
     assert [r["name"] for r in rows] == list_models()
     resnet18 = next(r for r in rows if r["name"] == "resnet18")
     assert resnet18["params"] == 11_689_512 and 3.5 < resnet18["gflops"] < 3.8

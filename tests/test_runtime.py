@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import yaml
@@ -41,7 +43,24 @@ def test_precision_and_compile_errors():
         runtime._compile("yes", torch.device("cpu"))
     assert runtime._compile("auto", torch.device("cpu")) is False
     assert runtime._compile("auto", torch.device("cuda")) is True
-    assert runtime.resolve(RuntimeConfig(device="cpu", precision="bf16")).autocast() is not None
+
+
+def test_autocast_computes_convs_and_linears_in_the_runs_precision():
+    torch.manual_seed(0)
+    conv, linear = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)  # float32 weights, as a model has them
+    x = torch.randn(2, 3, 8, 8)
+    bf16 = runtime.resolve(RuntimeConfig(device="cpu", precision="bf16"))
+    with bf16.autocast():
+        features = conv(x)
+        logits = linear(features.mean((2, 3)))
+    assert features.dtype == logits.dtype == torch.bfloat16
+    assert conv(x).dtype == torch.float32  # only inside the context
+    fp32 = runtime.resolve(RuntimeConfig(device="cpu", precision="fp32"))
+    context = fp32.autocast()
+    assert isinstance(context, contextlib.nullcontext)
+    with context:
+        assert not torch.is_autocast_enabled("cpu")
+        assert linear(conv(x).mean((2, 3))).dtype == torch.float32
 
 
 def test_grad_scaler_only_for_fp16():

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -33,6 +32,7 @@ from conftest import make_folder
 
 SRC = str(Path(cnnkit.__file__).resolve().parents[1])
 CHILD_ENV = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+HOOKS = str(Path(__file__).with_name("childhooks.py"))  # deterministic triggers in the child
 # Digits with every source of randomness on: MixUp, EMA, per-step schedule, small batches.
 RUN = ["data.mixup=0.2", "train.ema=true", "data.batch_size=16", "runtime.threads=1"]
 
@@ -51,25 +51,19 @@ def _equal_weights(a: Path, b: Path) -> None:
 )
 def test_signal_mid_epoch_then_resume_equals_uninterrupted(tmp_path, sig):
     argv = ["train", "--epochs", "2", "--quiet", "--num-workers", "0", "--name", "cut"]
-    child = subprocess.Popen(
-        [sys.executable, "-m", "cnnkit", *argv, *RUN, f"train.out_dir={tmp_path}"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+    hook = [HOOKS, "signal-after-step", "2", "5", sig.name, "--"]  # inside epoch 2 of 2
+    child = subprocess.run(
+        [sys.executable, *hook, *argv, *RUN, f"train.out_dir={tmp_path}"],
+        capture_output=True,
         text=True,
         env=CHILD_ENV,
+        timeout=300,
     )
-    lines = []
-    for line in child.stdout:  # wait for the end of epoch 1, then stop inside epoch 2
-        lines.append(line)
-        if line.startswith("epoch 1/2"):
-            time.sleep(0.3)
-            child.send_signal(sig)
-            break
-    out = "".join(lines) + child.stdout.read()
-    assert child.wait(timeout=120) == 128 + sig, out
+    out = child.stdout + child.stderr
+    assert child.returncode == 128 + sig, out
     assert f"continue with: cnnkit train --resume {tmp_path / 'cut'}" in out
     state = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
-    assert state["epoch"] == 1 and state["step"] > 0, "the stop landed mid-epoch"
+    assert (state["epoch"], state["step"]) == (1, 5), "stopped before the step after the signal"
     resumed = cnnkit.train(resume=tmp_path / "cut")
     whole = cnnkit.train(
         epochs=2, num_workers=0, name="whole", out_dir=str(tmp_path), overrides=RUN
@@ -101,24 +95,29 @@ for round_ in range(8):
 """
 
 
-def test_training_killed_with_sigkill_resumes_from_its_latest_checkpoint(tmp_path):
-    # a real training process, killed while it saves a checkpoint every few hundred ms
-    argv = ["train", "--epochs", "60", "--quiet", "--num-workers", "0", "--name", "k"]
-    child = subprocess.Popen(
-        [sys.executable, "-m", "cnnkit", *argv, "data.batch_size=512", f"train.out_dir={tmp_path}"],
-        stdout=subprocess.PIPE,
+def test_training_killed_in_the_middle_of_a_save_resumes_from_its_latest_checkpoint(tmp_path):
+    # a real training process, SIGKILLed in its 4th checkpoint save: the temporary file is
+    # written, last.pt not yet replaced
+    argv = ["train", "--epochs", "6", "--quiet", "--num-workers", "0", "--name", "k"]
+    child = subprocess.run(
+        [sys.executable, HOOKS, "kill-in-save", "4", "--", *argv, "data.batch_size=512"]
+        + [f"train.out_dir={tmp_path}"],
+        capture_output=True,
         text=True,
         env=CHILD_ENV,
+        timeout=300,
     )
-    for line in child.stdout:
-        if line.startswith("epoch 3/60"):
-            break
-    time.sleep(0.4)
-    child.kill()
-    child.wait()
-    assert load_latest(tmp_path / "k" / "checkpoints")[0]["epoch"] >= 3
-    assert cnnkit.train(resume=tmp_path / "k", stop_after=1).fit.epochs_done >= 4
-    assert not list((tmp_path / "k").rglob("*.tmp"))
+    assert child.returncode == -signal.SIGKILL, child.stdout + child.stderr
+    folder = tmp_path / "k" / "checkpoints"
+    assert len(list(folder.glob(".last.pt.*.tmp"))) == 1, "the kill landed inside the save"
+    state, path = load_latest(folder)
+    assert path.name == "last.pt" and state["epoch"] == 3
+    assert cnnkit.train(resume=tmp_path / "k", stop_after=1).fit.epochs_done == 4
+    assert load_checkpoint(folder / "last.pt")["epoch"] == 4
+    assert load_checkpoint(folder / "previous.pt")["epoch"] == 3
+    # the killed save's temporary is cleared; for the one its previous.pt link leaves, see
+    # test_a_save_killed_after_linking_previous_leaves_no_temporary_behind below
+    assert not list((tmp_path / "k").rglob(".last.pt.*.tmp"))
 
 
 def test_sigkill_at_many_points_of_a_save_loop(tmp_path):
@@ -162,6 +161,16 @@ def test_a_save_killed_while_keeping_the_previous_file_leaves_no_temporary(tmp_p
     (tmp_path / ".previous.pt.link.tmp").write_bytes(b"half")  # killed between link and rename
     save_checkpoint(path, {"model": {"w": torch.zeros(3)}})  # the next save clears it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_a_save_killed_after_linking_previous_leaves_no_temporary_behind(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"model": {"w": torch.ones(3)}})
+    os.link(path, tmp_path / "previous.pt.new")  # what the killed save had done: previous.pt
+    os.replace(tmp_path / "previous.pt.new", tmp_path / "previous.pt")  # is last.pt's inode
+    save_checkpoint(path, {"model": {"w": torch.zeros(3)}}, keep_previous=True)
+    assert torch.equal(load_checkpoint(tmp_path / "previous.pt")["model"]["w"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "previous.pt"]
 
 
 def test_non_finite_weights_are_never_written(tmp_path):

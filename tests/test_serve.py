@@ -2,7 +2,9 @@
 and its page driven in headless Chromium.
 
 Two servers per module: a strict one (token, 1 MiB bodies, 0.5 s timeout, one request at a time)
-for every refusal, and a plain one for predictions, batches, the load test and the page.
+for every refusal, and a plain one for predictions, batches, the load test and the page. The
+strict one runs through tests/childhooks.py, whose gate holds the decode of an upload named
+gate* until the test releases it: a request as slow as the test needs, without timing guesses.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ pytest.importorskip("fastapi", reason="server tests need the 'serve' extra")
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-CHROMIUM = "/usr/bin/chromium"
+HOOKS = Path(__file__).with_name("childhooks.py")
 
 
 def free_port() -> int:
@@ -39,14 +41,16 @@ def free_port() -> int:
 
 
 class Server:
-    """``python -m cnnkit serve`` in a subprocess; stopped (and its output shown) at teardown."""
+    """``python -m cnnkit serve`` in a subprocess (through a childhooks.py ``hook`` when given);
+    stopped (and its output shown) at teardown."""
 
-    def __init__(self, model: Path, *args: str, env: dict | None = None) -> None:
+    def __init__(self, model: Path, *args: str, env: dict | None = None, hook: tuple = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         src = str(Path(cnnkit.__file__).parents[1])
         full_env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1", **(env or {})}
-        cmd = [sys.executable, "-m", "cnnkit", "serve", str(model), "--port", str(self.port)]
+        runner = [str(HOOKS), *hook, "--"] if hook else ["-m", "cnnkit"]
+        cmd = [sys.executable, *runner, "serve", str(model), "--port", str(self.port)]
         self.proc = subprocess.Popen(
             [*cmd, *args], env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
@@ -86,14 +90,21 @@ def plain(digits_model):
 
 
 @pytest.fixture(scope="module")
-def strict(digits_model):
+def gate(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("gate")
+
+
+@pytest.fixture(scope="module")
+def strict(digits_model, gate):
     server = Server(
         digits_model,
         *("--token-env", "CNNKIT_TEST_TOKEN", "--max-body-mb", "1", "--timeout", "0.5"),
         *("--max-pending", "1", "--max-pixels", "40000000"),
         env={"CNNKIT_TEST_TOKEN": TOKEN},
+        hook=("gate-decode", str(gate)),
     )
     yield server
+    (gate / "release").touch()  # never leave a decode waiting
     server.stop()
 
 
@@ -223,7 +234,17 @@ def test_micro_batching_load_test(plain, digit_pngs, offline):
     assert batches < len(jobs)  # concurrent requests really shared model calls
 
 
-def test_limits_each_refused_and_server_keeps_answering(strict, digit_pngs):
+def _chunks(data: bytes, size: int = 64 * 1024):
+    """``data`` sent with Transfer-Encoding: chunked (no Content-Length): the server counts it."""
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+def _broken_multipart(good: bytes) -> bytes:
+    return b"--xyz\r\nNo-Colon-In-This-Header\r\n\r\n" + good + b"\r\n--xyz--\r\n"
+
+
+def test_limits_each_refused_and_server_keeps_answering(strict, gate, digit_pngs):
     good = digit_pngs[0][0].read_bytes()
     post = strict.url + "/predict"
 
@@ -232,20 +253,27 @@ def test_limits_each_refused_and_server_keeps_answering(strict, digit_pngs):
         assert answer.status_code == 200, answer.text
 
     ok()
-    _timeout_and_queue_full(strict, post, _encode(Image.new("RGB", (6000, 6000)), "PNG"))
+    _timeout_and_queue_full(strict, post, gate, good)
     ok()
+    chunked = httpx.post(post, content=_chunks(good, 50), headers=AUTH)
+    assert chunked.status_code == 200, chunked.text  # a chunked body within the limit is fine
     baseline = None
     tiff = _encode(Image.new("RGB", (8, 8)), "TIFF")
+    multipart = {**AUTH, "Content-Type": "multipart/form-data; boundary=xyz"}
+    files_33 = [("files", (f"{i}.png", good)) for i in range(33)]  # the limit is 32 a request
     for round_ in range(3):
         cases = [
             (401, httpx.post(post, content=good)),
             (401, httpx.post(post, content=good, headers={"Authorization": "Bearer wrong"})),
             (413, httpx.post(post, content=os.urandom(1_200_000), headers=AUTH)),
+            (413, httpx.post(post, content=_chunks(os.urandom(1_200_000)), headers=AUTH)),
+            (413, httpx.post(post, files=files_33, headers=AUTH)),
             (413, httpx.post(post, content=png_header_only(100_000, 100_000), headers=AUTH)),
             (415, httpx.post(post, content=tiff, headers=AUTH)),
             (415, httpx.post(post, content=b"hello, not an image", headers=AUTH)),
             (400, httpx.post(post, content=good[: len(good) // 2], headers=AUTH)),
             (400, httpx.post(post, content=b"", headers=AUTH)),
+            (400, httpx.post(post, content=_broken_multipart(good), headers=multipart)),
         ]
         for expected, answer in cases:
             assert answer.status_code == expected, (expected, answer.text)
@@ -260,51 +288,71 @@ def test_limits_each_refused_and_server_keeps_answering(strict, digit_pngs):
     assert strict.open_files() <= baseline, "open files grew with refused requests"
 
 
-def _timeout_and_queue_full(server: Server, post: str, big: bytes) -> None:
-    """Two 36 MP PNGs (~120 KB each: one flat colour) take seconds to decode, so the request
-    gets 504 after 0.5 s; meanwhile the only pending
-    slot is taken, so another request gets 503 until that work has really finished."""
-    slow: dict = {}
+def test_refusals_say_what_was_wrong(strict, digit_pngs):
+    good = digit_pngs[0][0].read_bytes()
+    post = strict.url + "/predict"
+    many = httpx.post(post, files=[("f", (f"{i}.png", good)) for i in range(33)], headers=AUTH)
+    assert many.json()["error"] == "33 images; at most 32 a request"
+    chunked = httpx.post(post, content=_chunks(os.urandom(1_200_000)), headers=AUTH)
+    assert chunked.json()["error"] == "request body over the limit of 1048576 bytes"
+    multipart = {**AUTH, "Content-Type": "multipart/form-data; boundary=xyz"}
+    broken = httpx.post(post, content=_broken_multipart(good), headers=multipart)
+    assert broken.json()["error"].startswith("bad multipart body: ")
 
-    def send_slow() -> None:
-        files = [("files", (f"big{i}.png", big)) for i in range(2)]
-        slow["answer"] = httpx.post(post, files=files, headers=AUTH, timeout=30)
 
-    thread = threading.Thread(target=send_slow)
+def test_far_too_many_files_are_413_too(strict, digit_pngs):
+    good = digit_pngs[0][0].read_bytes()
+    files = [("files", (f"{i}.png", good)) for i in range(40)]
+    answer = httpx.post(strict.url + "/predict", files=files, headers=AUTH)
+    assert answer.status_code == 413, answer.text
+
+
+def _timeout_and_queue_full(server: Server, post: str, gate: Path, good: bytes) -> None:
+    """A request whose decode is held at the gate gets 504 after the 0.5 s timeout; the only
+    pending slot stays taken meanwhile, and after its 504 too, until its work has really ended:
+    other requests get 503 until the gate opens."""
+    held: dict = {}
+    image = _encode(Image.new("L", (200, 200), 3), "PNG")  # > INLINE_PIXELS: decoded off-loop
+
+    def send_held() -> None:
+        files = [("files", ("gate.png", image))]
+        held["answer"] = httpx.post(post, files=files, headers=AUTH, timeout=30)
+
+    for name in ("entered", "release"):
+        (gate / name).unlink(missing_ok=True)
+    thread = threading.Thread(target=send_held)
     thread.start()
-    time.sleep(0.3)
-    busy = httpx.post(post, content=b"x", headers=AUTH)
+    _wait_for(lambda: (gate / "entered").exists())  # admitted, and inside its decode
+    busy = httpx.post(post, content=good, headers=AUTH)
     thread.join(timeout=30)
     assert busy.status_code == 503, busy.text
-    assert slow["answer"].status_code == 504, slow["answer"].text
-    end = time.monotonic() + 30
-    while httpx.get(server.url + "/health").json()["pending"] and time.monotonic() < end:
-        time.sleep(0.1)
+    assert held["answer"].status_code == 504, held["answer"].text
+    after = httpx.post(post, content=good, headers=AUTH)
+    assert after.status_code == 503, after.text  # answered, but its work goes on
+    (gate / "release").touch()
+    _wait_for(lambda: httpx.get(server.url + "/health").json()["pending"] == 0)
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no browser at {CHROMIUM}")
-def test_page_shows_top_classes(plain, digit_pngs, offline, tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (dev extra)")
+def _wait_for(condition, seconds: float = 30.0) -> None:
+    end = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < end, "the server never got there"
+        time.sleep(0.01)
+
+
+def test_page_shows_top_classes(plain, digit_pngs, offline, tmp_path, chromium):
     path = digit_pngs[3][0]
     expected = str(int(torch.tensor(offline[path.name]).argmax()))
     artifacts = Path(os.environ.get("CNNKIT_TEST_ARTIFACTS", tmp_path))
     artifacts.mkdir(parents=True, exist_ok=True)
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
-        try:
-            page = browser.new_page()
-            page.goto(plain.url + "/")
-            page.wait_for_selector("#model:has-text('simple_cnn')")
-            page.set_input_files("#file", str(path))
-            page.wait_for_selector("#bars .row")
-            labels = page.locator("#bars .label").all_inner_texts()
-            widths = page.locator("#bars .bar").evaluate_all("els => els.map(e => e.style.width)")
-            page.screenshot(path=str(artifacts / "serve_page.png"), full_page=True)
-        finally:
-            browser.close()
+    page = chromium.new_page()
+    page.goto(plain.url + "/")
+    page.wait_for_selector("#model:has-text('simple_cnn')")
+    page.set_input_files("#file", str(path))
+    page.wait_for_selector("#bars .row")
+    labels = page.locator("#bars .label").all_inner_texts()
+    widths = page.locator("#bars .bar").evaluate_all("els => els.map(e => e.style.width)")
+    page.screenshot(path=str(artifacts / "serve_page.png"), full_page=True)
     assert len(labels) == 5 and labels[0] == expected
     assert float(widths[0].rstrip("%")) >= float(widths[-1].rstrip("%"))
     assert (artifacts / "serve_page.png").stat().st_size > 1000

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -15,6 +16,7 @@ from cnnkit.cli.main import run
 from cnnkit.config import DataConfig
 from cnnkit.data import build
 from cnnkit.data.images import load_image
+from cnnkit.data.loader import make_loader
 from cnnkit.data.shards import ShardDataset, parse_size, shard_dataset, write_shards
 from cnnkit.errors import CnnkitError
 
@@ -97,6 +99,36 @@ def test_uneven_shards_give_every_rank_the_same_count(tmp_path):
         dataset = shard_dataset(source, shuffle=True)
         dataset.set_rank(rank, 2)
         assert len(list(dataset)) == 10  # 21 // 2 on each rank: no rank waits for another
+
+
+def _uid_tensor(image) -> torch.Tensor:
+    return torch.tensor(uid(image))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_workers_share_the_shards_and_follow_the_epoch(tmp_path, workers):
+    root = unique_folder(tmp_path / "src", n_per_class=8)  # 24 images, ids 0..23, class id // 8
+    write_shards(str(root), tmp_path / "out", samples_per_shard=4, note=lambda m: None)
+    source = str(tmp_path / "out" / "train-{000000..000005}.tar")
+    train = shard_dataset(source, shuffle=True).with_transform(_uid_tensor)
+    train.shuffle_buffer = 5
+    loader = make_loader(train, 4, train=True, seed=0, num_workers=workers)
+    orders = []
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        batches = list(loader)
+        assert len(batches) == len(loader) == 6
+        ids = torch.cat([x for x, _ in batches])
+        labels = torch.cat([y for _, y in batches])
+        assert sorted(ids.tolist()) == list(range(24))  # every image once, whatever the worker
+        assert torch.equal(labels, ids // 8)
+        orders.append(ids.tolist())
+    assert orders[0] != orders[1]  # the epoch reached the workers
+    uneven = make_loader(train, 5, train=True, seed=0, num_workers=workers)  # drops partials
+    assert len(list(uneven)) == len(uneven)  # the step count a distributed epoch relies on
+    test = shard_dataset(source, shuffle=False).with_transform(_uid_tensor)
+    ids = torch.cat([x for x, _ in make_loader(test, 4, train=False, seed=0, num_workers=workers)])
+    assert sorted(ids.tolist()) == list(range(24))
 
 
 def test_shards_through_fsspec_memory_filesystem(tmp_path):

@@ -9,8 +9,8 @@ import cnnkit
 from cnnkit.engine.checkpoint import load_checkpoint, load_model_file
 
 
-def test_digits_reaches_95_percent(tmp_path):
-    result = cnnkit.train(epochs=8, out_dir=str(tmp_path), progress="plain")
+def test_digits_reaches_95_percent(digits_result):
+    result = digits_result  # cnnkit.train(epochs=8): the default model and data
     assert result.test_split == "test"
     assert result.test["acc"] >= 0.95, result.test
     run = result.run_dir
@@ -66,8 +66,8 @@ def test_resume_is_bit_exact(tmp_path, num_workers):
     )
 
 
-def test_model_file_round_trip(tmp_path):
-    result = cnnkit.train(epochs=2, out_dir=str(tmp_path), progress="plain")
+def test_model_file_round_trip(digits_result):
+    result = digits_result
     state, meta = load_model_file(result.run_dir / "model.safetensors")
     assert meta["arch"] == "simple_cnn" and meta["classes"] == [str(i) for i in range(10)]
     assert meta["preprocessing"]["input_size"] == [8, 8]
@@ -83,9 +83,8 @@ def test_model_file_round_trip(tmp_path):
     assert metrics["acc"] == pytest.approx(result.test["acc"])
 
 
-def test_checkpoint_is_weights_only(tmp_path):
-    result = cnnkit.train(epochs=1, out_dir=str(tmp_path), progress="plain")
-    state = torch.load(result.run_dir / "checkpoints/last.pt", weights_only=True)
+def test_checkpoint_is_weights_only(digits_result):
+    state = torch.load(digits_result.run_dir / "checkpoints/last.pt", weights_only=True)
     assert set(state) >= {"model", "optimizer", "scheduler", "rng", "tracker", "config", "epoch"}
 
 

@@ -216,6 +216,10 @@ class _Server:
         try:
             form = await parser.parse()
         except MultiPartException as e:
+            if e.message.startswith("Too many files"):  # the parser's own count, past ours
+                limit = self.cfg.max_files
+                message = f"more than {limit} images; at most {limit} a request"
+                raise UploadError(413, message) from None
             raise UploadError(400, f"bad multipart body: {e.message}") from None
         try:
             return [

@@ -52,6 +52,10 @@ PREVIOUS = "previous.pt"
 
 def _copy_atomic(src: Path, dst: Path) -> None:
     """``dst`` becomes a copy of ``src`` (a hard link when the filesystem has them), atomically."""
+    if dst.exists() and os.path.samefile(src, dst):
+        # a save killed after linking: both names are one file already, and renaming a link
+        # onto another link of the same file is a no-op that would leave the temporary behind
+        return
     tmp = dst.with_name(f".{dst.name}.link.tmp")
     tmp.unlink(missing_ok=True)
     try:

@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -20,7 +21,9 @@ MAX_MATRIX_CLASSES = 30  # wider confusion matrices are cut to the most confused
 ANNOTATE_CELLS = 15  # write the numbers into the cells up to this many classes
 CAM_SIDE = 224  # px: overlays of small images (digits are 8x8) are scaled up to be seen
 CAM_ALPHA = 0.45  # weight of the heat map over the image
-TILE, CAPTION, GAP = 112, 34, 8  # px: image grids (galleries, Grad-CAM)
+TILE, CAPTION, GAP = 112, 40, 8  # px: image grids (galleries, Grad-CAM); CAPTION fits 3 lines
+CAPTION_FONT = 7  # pt, shrunk per caption when it does not fit its cell
+CAPTION_CHARS = 32  # longer caption lines lose their middle: shrunk further they are unreadable
 
 
 def png(fig: Figure) -> bytes:
@@ -153,6 +156,7 @@ def image_grid(images: list[np.ndarray], captions: list[str], cols: int = 6) -> 
     """Images (H, W, 3) in a grid of ``TILE`` px tiles, each with a caption above it.
 
     Drawn as one mosaic in one axes: a subplot per image costs ~10x more to lay out and render.
+    Captions too long for their cell are shortened and shrunk to fit, never into a neighbour.
     """
     cols = max(1, min(cols, len(images)))
     rows = max(1, math.ceil(len(images) / cols))
@@ -160,13 +164,40 @@ def image_grid(images: list[np.ndarray], captions: list[str], cols: int = 6) -> 
     mosaic = np.ones((rows * cell_h, cols * cell_w, 3))
     fig = Figure(figsize=(cols * cell_w / DPI, rows * cell_h / DPI), dpi=DPI)
     ax = fig.add_axes((0, 0, 1, 1))
+    texts = []
     for n, (image, caption) in enumerate(zip(images, captions, strict=True)):
         top, left = (n // cols) * cell_h + CAPTION, (n % cols) * cell_w + GAP
         mosaic[top : top + TILE, left : left + TILE] = _tile(image)
-        ax.text(left + TILE / 2, top - 3, caption, ha="center", va="bottom", fontsize=7)
+        text = "\n".join(shorten(line) for line in caption.split("\n"))
+        texts.append(
+            ax.text(left + TILE / 2, top - 3, text, ha="center", va="bottom", fontsize=CAPTION_FONT)
+        )
     ax.imshow(mosaic, interpolation="nearest")
     ax.set_axis_off()
+    # one data unit is one pixel here: the figure is the mosaic's size at DPI
+    _shrink_to_fit(fig, texts, width=cell_w - 2, height=CAPTION - 4)
     return fig
+
+
+def shorten(line: str, limit: int = CAPTION_CHARS) -> str:
+    """``line`` cut in the middle to ``limit`` characters, keeping both ends (a file's extension,
+    a probability)."""
+    if len(line) <= limit:
+        return line
+    tail = (limit - 1) // 2
+    return line[: limit - 1 - tail] + "…" + line[len(line) - tail :]  # [-0:] would keep it all
+
+
+def _shrink_to_fit(fig: Figure, texts: list, width: float, height: float) -> None:
+    """Shrink each text wider or taller than ``width`` x ``height`` px: class names like
+    'automobile' ran into the neighbouring caption. A text's size is proportional to its font
+    size, so one measurement each is enough (2% spare for hinting)."""
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    for text in texts:
+        box = text.get_window_extent(renderer)
+        scale = min(width / box.width, height / box.height)
+        if scale < 1:
+            text.set_fontsize(text.get_fontsize() * scale * 0.98)
 
 
 def _tile(image: np.ndarray) -> np.ndarray:

@@ -43,6 +43,7 @@ MISTAKES = 18  # most confidently wrong images shown
 CAM_CLASSES = 12  # classes with Grad-CAM overlays (the worst by F1 when there are more)
 CAM_PER_CLASS = 2
 MAX_LAYER_ROWS = 80
+FILE_NAME_CHARS = 22  # a longer name in a caption is cut in the middle: it fits a tile at 7 pt
 
 
 @dataclass
@@ -184,9 +185,10 @@ def _mistakes(figures: Figures, dataset, logits, labels, meta) -> dict | None:
     order = wrong[confidence[wrong].argsort(descending=True)][:MISTAKES].tolist()
     classes, pre = meta["classes"], meta["preprocessing"]
     images = [plots.display_image(dataset[i][0], pre["mean"], pre["std"]) for i in order]
+    # one class per line: "true automobile · pred airplane" is wider than a tile
     captions = [
-        f"{_name(dataset, i)}true {classes[labels[i]]} · pred {classes[predicted[i]]}\n"
-        f"p={confidence[i]:.2f} (true p={probs[i, labels[i]]:.2f})"
+        f"{_name(dataset, i)}true {classes[labels[i]]} p={probs[i, labels[i]]:.2f}\n"
+        f"pred {classes[predicted[i]]} p={confidence[i]:.2f}"
         for i in order
     ]
     fig = plots.image_grid(images, captions)
@@ -195,7 +197,9 @@ def _mistakes(figures: Figures, dataset, logits, labels, meta) -> dict | None:
 
 def _name(dataset, index: int) -> str:
     paths = getattr(dataset, "paths", None)
-    return f"{Path(paths[index]).name}\n" if paths is not None else ""
+    if paths is None:
+        return ""
+    return plots.shorten(Path(paths[index]).name, FILE_NAME_CHARS) + "\n"
 
 
 def _gradcam(figures: Figures, model, dataset, labels, metrics: dict, rt) -> dict | None:
@@ -223,7 +227,7 @@ def _gradcam(figures: Figures, model, dataset, labels, metrics: dict, rt) -> dic
         images.append(plots.overlay(image, cams.maps[j]))
         target = int(cams.targets[j])
         captions.append(
-            f"true {classes[labels[i]]} · pred {classes[target]}\np={cams.probs[j, target]:.2f}"
+            f"true {classes[labels[i]]}\npred {classes[target]} p={cams.probs[j, target]:.2f}"
         )
     note = ""
     if len(classes) > CAM_CLASSES:
