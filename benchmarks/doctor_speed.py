@@ -19,7 +19,8 @@ import time
 
 from PIL import Image
 
-from cnnkit.data.doctor import _cpu_count, scan
+from cnnkit.data.doctor import scan
+from cnnkit.data.host import cpu_count
 from cnnkit.data.images import list_images
 
 
@@ -37,7 +38,7 @@ def main() -> None:
     parser.add_argument("data", help="image folder (train/ and test/ of class folders)")
     parser.add_argument("--workers", type=int, default=None)
     args = parser.parse_args()
-    print(f"{platform.processor() or platform.machine()}, {_cpu_count()} usable cores")
+    print(f"{platform.processor() or platform.machine()}, {cpu_count()} usable cores")
     with tempfile.TemporaryDirectory() as cache:
         os.environ["CNNKIT_CACHE_DIR"] = cache
         cold = scan(args.data, workers=args.workers)

@@ -78,13 +78,13 @@ def digits_model(digits_result) -> Path:
 @pytest.fixture(scope="session")
 def digit_pngs(tmp_path_factory) -> list[tuple[Path, int]]:
     """The first 40 test-split digits as 8x8 grayscale PNG files, with their labels."""
-    from cnnkit.data.sources import _load_digits
+    from cnnkit.data.builtins import load_digits
 
     folder = tmp_path_factory.mktemp("digit-pngs")
-    _, test, _ = _load_digits(folder)
+    _, (images, targets), _ = load_digits()
     files = []
     for i in range(40):
-        image, label = test.images[i, 0].numpy(), test.targets[i]
+        image, label = images[i, 0].numpy(), targets[i]
         path = folder / f"{i:02d}_{label}.png"
         Image.fromarray(image).save(path)  # uint8 (8, 8): mode L
         files.append((path, label))

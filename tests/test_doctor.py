@@ -15,11 +15,13 @@ from PIL import Image
 import cnnkit
 from cnnkit import data, tasks
 from cnnkit.cli.main import run
+from cnnkit.config import DataConfig
 from cnnkit.config import resolve as resolve_config
+from cnnkit.data import build
+from cnnkit.data.datasets import FileImageDataset
 from cnnkit.data.doctor import check_files, scan, summary
 from cnnkit.data.images import ImageFileError, decode, is_image_file
 from cnnkit.data.loader import EpochSampler
-from cnnkit.data.sources import FileImageDataset
 from cnnkit.engine import runtime
 from cnnkit.engine.fit import fit
 from conftest import write_image
@@ -299,3 +301,21 @@ def test_balance_modes_reach_the_sampler_and_the_loss(tmp_path, monkeypatch, cap
             assert all(w is None for w in weights)
         header = (tmp_path / balance / "metrics.csv").read_text().splitlines()[0].split(",")
         assert {"val_balanced_acc", "val_recall_red", "val_recall_blue"} <= set(header)
+
+
+def test_doctor_and_preflight_keep_their_cache_in_the_configured_cache_dir(
+    tmp_path, monkeypatch, capsys
+):
+    """One cache folder: data.cache_dir (or --cache-dir), else $CNNKIT_CACHE_DIR."""
+    root = tmp_path / "imgs"
+    for i in range(4):
+        write_image(root / "a" / f"{i}.png", (200, 0, 0), (20, 20), seed=i)
+        write_image(root / "b" / f"{i}.png", (0, 0, 200), (20, 20), seed=10 + i)
+    monkeypatch.setenv("CNNKIT_CACHE_DIR", str(tmp_path / "env"))
+    assert run(["doctor", str(root), "--cache-dir", str(tmp_path / "given")]) == 0
+    assert "8 images" in capsys.readouterr().out
+    assert any((tmp_path / "given" / "doctor").iterdir()) and not (tmp_path / "env").exists()
+    assert scan(root).cached == 0 and any((tmp_path / "env" / "doctor").iterdir())
+    cfg = DataConfig(source=str(root), decode_cache="off", cache_dir=str(tmp_path / "cfg"))
+    build(cfg, seed=0)  # streams, so the pre-flight is the doctor's check
+    assert any((tmp_path / "cfg" / "doctor").iterdir())

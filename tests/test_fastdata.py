@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import cnnkit
 from cnnkit.config import DataConfig
-from cnnkit.data import build, make_loader
+from cnnkit.data import Augment, build, make_loader
 from cnnkit.data.batchaug import BatchAugment
 from cnnkit.data.cache import decoded_images, geometry_ops, stored_geometry
 from cnnkit.data.images import ImageFileError, load_image
@@ -36,7 +36,7 @@ def random_batch(b=16, h=32, w=32, seed=0) -> torch.Tensor:
 
 @pytest.mark.parametrize("pad_mode", ["zero", "reflect"])
 def test_pad_crop_flip_cutout_equal_a_per_image_reference(pad_mode):
-    aug = {"pad_crop": 4, "pad_mode": pad_mode, "hflip": 0.5, "cutout": 8}
+    aug = Augment(pad_crop=4, pad_mode=pad_mode, hflip=0.5, cutout=8)
     batch_aug = BatchAugment(aug, MEAN, STD, (32, 32), seed=3)
     images = random_batch()
     params = batch_aug.draw(images.shape, torch.arange(16), epoch=2, step=5, device="cpu")
@@ -56,7 +56,9 @@ def test_pad_crop_flip_cutout_equal_a_per_image_reference(pad_mode):
 
 
 def test_random_resized_crop_equals_crop_then_bilinear_resize():
-    batch_aug = BatchAugment({"random_resized_crop": True}, MEAN, STD, (24, 24), seed=1)
+    batch_aug = BatchAugment(
+        Augment(random_resized_crop=True, rrc_scale=(0.25, 1.0)), MEAN, STD, (24, 24), seed=1
+    )
     images = random_batch(b=12, h=40, w=56)
     params = batch_aug.draw(images.shape, torch.arange(12), epoch=0, step=0, device="cpu")
     out = batch_aug.apply(images, params)
@@ -72,7 +74,7 @@ def test_random_resized_crop_equals_crop_then_bilinear_resize():
 
 
 def test_alternating_flip_shows_each_image_both_ways_every_two_epochs():
-    batch_aug = BatchAugment({"hflip": "alternate"}, MEAN, STD, (32, 32), seed=0)
+    batch_aug = BatchAugment(Augment(hflip="alternate"), MEAN, STD, (32, 32), seed=0)
     index = torch.arange(1000)
     flips = [batch_aug.draw((1000, 3, 32, 32), index, e, 0, "cpu")["flip"] for e in range(4)]
     assert 400 < flips[0].sum() < 600  # a fair coin per image in the first epoch
@@ -81,7 +83,7 @@ def test_alternating_flip_shows_each_image_both_ways_every_two_epochs():
 
 
 def test_draws_depend_only_on_seed_epoch_step():
-    aug = {"pad_crop": 2, "hflip": 0.5, "cutout": 4}
+    aug = Augment(pad_crop=2, hflip=0.5, cutout=4)
     a, b = (
         BatchAugment(aug, MEAN, STD, (32, 32), seed=7),
         BatchAugment(aug, MEAN, STD, (32, 32), seed=7),
@@ -96,7 +98,7 @@ def test_memory_loader_visits_the_same_batches_as_the_dataloader():
     targets = list(range(50))
     normalise_only = BatchAugment(None, MEAN, STD, (8, 8))
     memory = MemoryLoader(images, targets, 8, normalise_only, train=True, seed=4, device="cpu")
-    from cnnkit.data.sources import TensorImageDataset
+    from cnnkit.data.datasets import TensorImageDataset
 
     loader = make_loader(TensorImageDataset(images, targets), 8, train=True, seed=4)
     for epoch in (0, 3):
@@ -168,8 +170,9 @@ def test_the_decode_once_pass_is_the_preflight_check_cold_and_warm(tmp_path, mon
         assert [(f.path, f.kind) for f in splits.skipped] == [(str(bad), "unreadable")]
         assert len(splits.train) + len(splits.val) == 18
         assert str(bad) not in map(str, splits.train.paths + splits.val.paths)
-        assert splits.train.decoded.shape[0] == len(splits.train)
-    assert torch.equal(cold.train.decoded, warm.train.decoded) and cold.mean == warm.mean
+        assert splits.train.decoded.images.shape[0] == len(splits.train)
+    assert torch.equal(cold.train.decoded.images, warm.train.decoded.images)
+    assert cold.mean == warm.mean
     assert not (tmp_path / "cache" / "doctor").exists()  # checked by the decode pass alone
     cfg.skip_bad = False
     with pytest.raises(ImageFileError, match="zz-truncated.png"):

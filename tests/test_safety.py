@@ -17,7 +17,7 @@ import cnnkit
 from cnnkit import data, tasks
 from cnnkit.cli.main import run
 from cnnkit.config import resolve as resolve_config
-from cnnkit.data.sources import FileImageDataset
+from cnnkit.data.datasets import FileImageDataset
 from cnnkit.engine import checkpoint, runtime
 from cnnkit.engine.checkpoint import load_checkpoint, load_latest, save_checkpoint
 from cnnkit.engine.fit import fit

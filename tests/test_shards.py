@@ -13,6 +13,8 @@ from sklearn.datasets import load_digits
 
 import cnnkit
 from cnnkit.cli.main import run
+from cnnkit.config import DataConfig
+from cnnkit.data import build
 from cnnkit.data.images import load_image
 from cnnkit.data.loader import make_loader
 from cnnkit.data.shards import ShardDataset, parse_size, shard_dataset, write_shards
@@ -194,3 +196,12 @@ def test_training_from_shards_matches_training_from_the_folder(tmp_path):
 def test_shard_dataset_rejects_shards_missing_from_meta(tmp_path):
     with pytest.raises(CnnkitError, match="not listed"):
         ShardDataset([str(tmp_path / "a.tar")], ["x"], {})
+
+
+def test_alternating_flips_are_refused_for_shards(tmp_path):
+    """Shards stream in a new order each epoch and carry no fixed index per image."""
+    root = unique_folder(tmp_path / "src")
+    write_shards(str(root), tmp_path / "out", note=lambda m: None)
+    cfg = DataConfig(source=str(tmp_path / "out" / "train-000000.tar"), hflip="alternate")
+    with pytest.raises(CnnkitError, match="alternate.*shards"):
+        build(cfg, seed=0)

@@ -24,8 +24,8 @@ from torch import nn
 
 from cnnkit import __version__, data, models, recipes, tasks
 from cnnkit.config import Config, from_dict, load, resolve
-from cnnkit.data import cache
 from cnnkit.data import images as image_files
+from cnnkit.data.host import cache_root
 from cnnkit.deploy.formats import load_model
 from cnnkit.engine import distributed, runtime
 from cnnkit.engine.checkpoint import load_latest
@@ -158,7 +158,7 @@ def _shared_run_dir(cfg: Config, data_name: str, dd) -> Path:
 
 
 def _restart_marker(cfg: Config) -> Path | None:
-    return distributed.restart_marker(cache.cache_root(cfg.data.cache_dir), cfg.train.out_dir)
+    return distributed.restart_marker(cache_root(cfg.data.cache_dir), cfg.train.out_dir)
 
 
 def _torchrun_restart(cfg: Config) -> Path | None:

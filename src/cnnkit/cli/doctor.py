@@ -19,12 +19,19 @@ def doctor(
         int | None, typer.Option(help="Decoding processes; default: one per CPU.")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Cache folder of per-file results, as data.cache_dir (training's pre-flight "
+            "check shares it); default: $CNNKIT_CACHE_DIR or ~/.cache/cnnkit."
+        ),
+    ] = None,
     debug: Annotated[bool, DEBUG] = False,
 ) -> None:
     """Decode every image and report bad files, odd modes, class counts and duplicates."""
     from cnnkit.data.doctor import scan, summary
 
-    report = scan(data, workers=workers)
+    report = scan(data, workers=workers, cache_dir=cache_dir)
     print(json.dumps(report.to_dict(), indent=2) if as_json else summary(report))
     if not report.ok:
         raise typer.Exit(1)

@@ -1,7 +1,13 @@
-"""Data: sources (built-ins, folders, CSV) -> Splits, transforms, and exactly resumable loaders.
+"""Data: sources (built-ins, folders, CSV, shards) -> Splits, augmentation, resumable loaders.
 
-``build(cfg.data, seed)`` returns ``Splits`` whose datasets yield (x float32 (C, H, W), y int);
-``make_loader`` turns one into a DataLoader whose epoch ``e`` depends only on (seed, e).
+``build(cfg.data, seed)`` returns ``Splits`` whose datasets yield (x float32 (C, H, W), y int)
+and whose ``augment`` is the run's one ``Augment`` spec; ``make_loader`` turns a split into a
+DataLoader whose epoch ``e`` depends only on (seed, e).
+
+Modules, lowest first: images (open and decode files), host (cores, cache folder), readers
+(folder/CSV layouts), builtins, augment (the spec), transforms (eval + per-sample executor),
+batchaug (batched executor), cache (decode once), datasets, shards, stats (size, mean/std),
+splits (build -> Splits), loader and memory (the loaders), doctor (+ duplicates).
 
 The names below are imported on first use, so ``cnnkit.data.doctor`` and ``cnnkit.data.images``
 load without torch (``cnnkit doctor`` starts in a fraction of a second, not ~3 s).
@@ -18,10 +24,11 @@ _EXPORTS = {
     "load_image": "cnnkit.data.images",
     "EpochSampler": "cnnkit.data.loader",
     "make_loader": "cnnkit.data.loader",
-    "BUILTINS": "cnnkit.data.sources",
-    "Splits": "cnnkit.data.sources",
-    "build": "cnnkit.data.sources",
-    "build_eval": "cnnkit.data.sources",
+    "Augment": "cnnkit.data.augment",
+    "BUILTINS": "cnnkit.data.builtins",
+    "Splits": "cnnkit.data.splits",
+    "build": "cnnkit.data.splits",
+    "build_eval": "cnnkit.data.splits",
     "batch_mix": "cnnkit.data.transforms",
     "eval_transform": "cnnkit.data.transforms",
     "image_mode": "cnnkit.data.transforms",

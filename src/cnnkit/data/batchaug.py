@@ -1,25 +1,27 @@
-"""Augmentation of whole uint8 batches on the training device, normalisation fused at the end.
+"""Batched executor of the train ``Augment``: whole uint8 batches on the training device,
+normalisation fused at the end.
 
 Per-sample augmentation in Python (one crop, one flip, one tensor conversion per image) costs more
 than the forward pass of a small network on 32x32 images. Here a batch (B, C, H, W) uint8 already
 on the device is augmented with a handful of tensor operations, whatever B is:
 
-    random resized crop   large inputs: a box of random area/aspect per image, bilinear-resampled
-                          to the input size with ``grid_sample`` (one call for the batch)
-    pad + random crop     small inputs: a shift by up to ``pad`` px per image, the uncovered border
-                          filled with zeros or mirrored (``pad_mode`` zero | reflect)
-    horizontal flip       random with probability p, or ``"alternate"``: image i is flipped on
-                          even epochs iff a fixed coin of (seed, i) says so, and the other way on
-                          odd epochs, so every image is seen both ways every two epochs
-                          (Keller Jordan, "94% on CIFAR-10 in 3.29 seconds", 2024)
+    random_resized_crop   a box of random area (``rrc_scale``) and aspect per image, bilinear-
+                          resampled to the input size with ``grid_sample`` (one call for the batch)
+    pad_crop              a shift by up to ``pad_crop`` px per image, the uncovered border filled
+                          with zeros or mirrored (``pad_mode`` zero | reflect)
+    hflip                 random with probability p, or ``"alternate"``: image i flipped by a fixed
+                          coin of (seed, i), inverted on odd epochs (``augment.alternate_flips``)
+    normalise             (x / 255 - mean) / std in float32, in the run's memory layout
     cutout                a ``cutout`` x ``cutout`` square per image set to the mean (0 after
                           normalising), centre anywhere in the image (DeVries & Taylor, 2017)
-    normalise             (x / 255 - mean) / std in float32, in the run's memory layout
+
+Auto-augment policies and random erasing have no batched step (``BATCHED_OPS``): a split whose
+spec uses them takes the per-sample executor, ``cnnkit.data.transforms.SampleAugment``.
 
 Randomness comes from a generator seeded by (seed, epoch, step), so a batch's augmentation depends
 only on those and the images' dataset indices: resumed runs replay it exactly. ``draw`` makes the
-random parameters and ``apply`` uses them, so a test can check ``apply`` against a plain per-image
-implementation with the same parameters.
+random parameters and ``apply`` uses them, so a test can run the per-sample executor on the same
+parameters and compare pixels.
 """
 
 from __future__ import annotations
@@ -29,23 +31,30 @@ import math
 import torch
 import torch.nn.functional as F
 
+from cnnkit.data.augment import Augment, alternate_flips
 from cnnkit.data.loader import mix_seed
 
-RRC_RATIO = (3 / 4, 4 / 3)
+RRC_RATIO = (3 / 4, 4 / 3)  # aspect range of random resized crops, as torchvision's
 RRC_TRIES = 10
+BATCHED_OPS = frozenset({"random_resized_crop", "pad_crop", "hflip", "cutout"})
+
+
+def batchable(aug: Augment) -> bool:
+    """True when every image op of ``aug`` has a batched step here."""
+    return set(aug.ops()) <= BATCHED_OPS
 
 
 class BatchAugment:
     """Augment and normalise uint8 batches: ``aug(images, indices, epoch, step)`` -> float32.
 
-    ``aug``: the resolved train augmentation (``cnnkit.data.transforms.resolve_augment``) or
-    None for evaluation (normalise only). ``out_size``: (H, W) of the result; the stored images
-    may be larger (random resized crop, or a centre crop for evaluation).
+    ``aug``: the run's ``Augment`` (``Splits.augment``), or None for evaluation (normalise only);
+    its ops must be ``batchable``. ``out_size``: (H, W) of the result; the stored images may be
+    larger (random resized crop, or a centre crop for evaluation).
     """
 
     def __init__(
         self,
-        aug: dict | None,
+        aug: Augment | None,
         mean: list[float],
         std: list[float],
         out_size: tuple[int, int],
@@ -53,22 +62,16 @@ class BatchAugment:
         seed: int = 0,
         memory_format: torch.memory_format = torch.contiguous_format,
     ) -> None:
-        aug = dict(aug or {})
-        self.rrc_scale = _rrc_scale(out_size) if aug.get("random_resized_crop") else None
-        self.pad = int(aug.get("pad_crop") or 0)
-        self.pad_mode = aug.get("pad_mode", "zero")
-        self.hflip = aug.get("hflip") or 0.0
-        self.cutout = int(aug.get("cutout") or 0)
+        self.aug = aug or Augment()
+        if not batchable(self.aug):
+            unbatched = sorted(set(self.aug.ops()) - BATCHED_OPS)
+            raise ValueError(f"no batched step for {unbatched}; use transforms.SampleAugment")
         self.out_size = tuple(out_size)
         self.seed = seed
         self.memory_format = memory_format
         mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self._scale, self._shift = 1.0 / (255.0 * std_t), mean_t / std_t
-
-    @property
-    def random(self) -> bool:
-        return bool(self.rrc_scale or self.pad or self.hflip or self.cutout)
 
     def __call__(
         self, images: torch.Tensor, indices: torch.Tensor, epoch: int = 0, step: int = 0
@@ -80,20 +83,20 @@ class BatchAugment:
     def draw(self, shape: torch.Size, indices: torch.Tensor, epoch: int, step: int, device) -> dict:
         """Random parameters for a batch of ``shape`` (B, C, H, W) in (epoch, step)."""
         b, _, h, w = shape
-        out_h, out_w = self.out_size
+        aug = self.aug
         g = torch.Generator(device=device).manual_seed(mix_seed(self.seed, epoch, step))
         params: dict = {}
-        if self.rrc_scale is not None:
-            params["box"] = _rrc_boxes(b, h, w, self.rrc_scale, g, device)
-        if self.pad:
-            params["shift"] = torch.randint(0, 2 * self.pad + 1, (b, 2), generator=g, device=device)
-        if self.hflip == "alternate":
-            coin = _index_coins(indices.to(device), self.seed)
-            params["flip"] = coin ^ bool(epoch % 2)
-        elif self.hflip:
-            params["flip"] = torch.rand(b, generator=g, device=device) < self.hflip
-        if self.cutout:
-            size = torch.tensor([out_h, out_w], device=device)
+        if aug.random_resized_crop:
+            params["box"] = _rrc_boxes(b, h, w, aug.rrc_scale, g, device)
+        if aug.pad_crop:
+            span = 2 * aug.pad_crop + 1
+            params["shift"] = torch.randint(0, span, (b, 2), generator=g, device=device)
+        if aug.hflip == "alternate":
+            params["flip"] = alternate_flips(indices.to(device), epoch, self.seed)
+        elif aug.hflip:
+            params["flip"] = torch.rand(b, generator=g, device=device) < aug.hflip
+        if aug.cutout:
+            size = torch.tensor(self.out_size, device=device)
             params["cutout"] = (torch.rand(b, 2, generator=g, device=device) * size).long()
         return params
 
@@ -105,12 +108,12 @@ class BatchAugment:
         else:
             x = _center_crop(images, self.out_size)
         if "shift" in params:
-            x = _shift(x, params["shift"], self.pad, self.pad_mode)
+            x = _shift(x, params["shift"], self.aug.pad_crop, self.aug.pad_mode)
         if "flip" in params:
             x = torch.where(params["flip"].view(-1, 1, 1, 1), x.flip(3), x)
         x = self._normalise(x)
         if "cutout" in params:
-            x = _cutout(x, params["cutout"], self.cutout)
+            x = _cutout(x, params["cutout"], self.aug.cutout)
         return x
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,11 +123,6 @@ class BatchAugment:
         x = x.contiguous(memory_format=self.memory_format)  # permute while still small (uint8)
         x = x.to(torch.float32, copy=True)  # keeps the memory format
         return x.mul_(scale).sub_(shift)
-
-
-def _rrc_scale(out_size: tuple[int, int]) -> tuple[float, float]:
-    """Area range of random resized crops: as ``cnnkit.data.transforms`` does per sample."""
-    return (0.08, 1.0) if min(out_size) >= 128 else (0.25, 1.0)
 
 
 def _rrc_boxes(b: int, h: int, w: int, scale, g: torch.Generator, device) -> torch.Tensor:
@@ -222,12 +220,3 @@ def _cutout(x: torch.Tensor, centre: torch.Tensor, size: int) -> torch.Tensor:
     inside_x = (xs >= x0) & (xs < x0 + size)  # (B, W)
     mask = inside_y[:, None, :, None] & inside_x[:, None, None, :]
     return x.masked_fill(mask, 0.0)
-
-
-def _index_coins(indices: torch.Tensor, seed: int) -> torch.Tensor:
-    """A fixed random bit per dataset index: a multiply-xorshift hash of (index, seed)."""
-    salt = mix_seed(seed, 0xF11F) & 0x7FFFFFFF
-    x = (indices.long() * 0x9E3779B1 + salt) & 0xFFFFFFFF
-    x = ((x ^ (x >> 15)) * 0x2C1B3C6D) & 0xFFFFFFFF
-    x = x ^ (x >> 12)
-    return (x & 1).bool()

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from cnnkit.data.images import ImageFileError, file_stat, load_image
+from cnnkit.data.images import MODE_CHANNELS, ImageFileError, file_stat, load_image
 from cnnkit.data.transforms import INTERPOLATIONS
 from cnnkit.errors import CnnkitError
 from cnnkit.fileio import atomic_write_bytes, fsync_dir  # same durability as run files
@@ -67,24 +67,47 @@ def geometry_ops(geometry: dict) -> v2.Compose:
     )
 
 
-DEFAULT_ROOT = "~/.cache/cnnkit"
-
-
-def cache_root(configured: str | Path) -> Path:
-    """The cache folder: ``data.cache_dir``, where ``$CNNKIT_CACHE_DIR`` replaces the default
-    (the same variable the doctor's cache follows)."""
-    if str(configured) == DEFAULT_ROOT and os.environ.get("CNNKIT_CACHE_DIR"):
-        return Path(os.environ["CNNKIT_CACHE_DIR"]).expanduser()
-    return Path(configured).expanduser()
-
-
 def stderr_note(message: str) -> None:
     """Default for notes: standard error, so ``--json`` output on stdout stays clean."""
     print(message, file=sys.stderr)
 
 
+class DecodeBudget:
+    """Which splits are decoded into memory (``data.decode_cache``): every one with "on", none
+    with "off", and with "auto" those that fit ``data.cache_memory`` GiB (default: half the
+    memory available when the budget is made), taken in turn."""
+
+    def __init__(self, decode_cache: str, cache_memory: float | None) -> None:
+        if decode_cache not in MODES:
+            raise CnnkitError(
+                f"data.decode_cache must be one of {', '.join(MODES)}, got '{decode_cache}'"
+            )
+        self.mode = decode_cache
+        self.left = budget_bytes(cache_memory) if decode_cache == "auto" else None
+
+    @property
+    def limited(self) -> bool:
+        """True when the budget is a number of bytes ("auto")."""
+        return self.left is not None
+
+    def take(self, nbytes: int) -> bool:
+        """True, counting the bytes, when a split of ``nbytes`` decoded is held in memory."""
+        if self.left is None:
+            return self.mode == "on"
+        if nbytes > self.left:
+            return False
+        self.left -= nbytes
+        return True
+
+
+def decoded_bytes(count: int, mode: str, geometry: dict) -> int:
+    """Bytes of ``count`` images decoded in ``mode`` at the stored ``geometry`` (uint8)."""
+    height, width = geometry["size"]
+    return count * MODE_CHANNELS[mode] * height * width
+
+
 def budget_bytes(cache_memory: float | None) -> int:
-    """The memory a decoded split may take: ``cache_memory`` GiB, else half of what is free."""
+    """The memory decoded splits may take: ``cache_memory`` GiB, else half of what is free."""
     if cache_memory is not None:
         if cache_memory < 0:
             raise CnnkitError(f"data.cache_memory is in GiB and must be >= 0, got {cache_memory}")
@@ -154,8 +177,7 @@ def decode_checked(
     decoded in ``workers`` processes and saved there (when ``cache_dir`` is None or not writable:
     kept in memory only).
     """
-    channels = 1 if mode == "L" else 3
-    shape = (len(paths), channels, *geometry["size"])
+    shape = (len(paths), MODE_CHANNELS[mode], *geometry["size"])
     folder = Path(cache_dir).expanduser() / "decoded" if cache_dir is not None else None
     key = cache_key(paths, mode, geometry, stats)
     final = folder / f"{key}.npy" if folder is not None else None

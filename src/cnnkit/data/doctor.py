@@ -1,7 +1,8 @@
 """Dataset health scan: every file fully decoded (in parallel), odd files, classes and duplicates.
 
 ``scan(root)`` reads a folder laid out as training reads it (``root/<class>/*`` or
-``root/{train,val,test}/<class>/*``) and returns a ``Report``:
+``root/{train,val,test}/<class>/*``, the rules of ``cnnkit.data.readers``) and returns a
+``Report``:
 
 - errors (training cannot use the file): zero-byte, unreadable or truncated, not an image despite
   its extension, over the decompression-bomb limit; empty classes; duplicates across splits
@@ -12,8 +13,9 @@
 
 Decoding goes through ``images.decode``, the policy training uses. Per-file results are cached by
 fingerprint (absolute path, size, mtime) in one small JSON file per folder under
-``$CNNKIT_CACHE_DIR/doctor`` (default ``~/.cache/cnnkit``), so a rescan of unchanged files only
-stats them; ``check_files`` (the pre-flight check before training) shares that cache.
+``<cache folder>/doctor`` (``data.cache_dir``; by default ``$CNNKIT_CACHE_DIR`` or
+``~/.cache/cnnkit``, see ``host.cache_root``), so a rescan of unchanged files only stats them;
+``check_files`` (the pre-flight check before training) shares that cache.
 """
 
 from __future__ import annotations
@@ -23,23 +25,23 @@ import json
 import multiprocessing
 import os
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import PIL
 
-from cnnkit.data.images import IMAGE_EXTENSIONS, ImageFileError, decode
+from cnnkit.data import duplicates
+from cnnkit.data.host import cache_root, cpu_count
+from cnnkit.data.images import ImageFileError, decode, is_image_file, is_junk
+from cnnkit.data.readers import class_dirs, split_folders
 from cnnkit.errors import CnnkitError
 from cnnkit.fileio import atomic_write_bytes
 
 CACHE_VERSION = f"doctor-1/pillow-{PIL.__version__}"  # a new Pillow may decode differently
-JUNK_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini", "__MACOSX", "._.DS_Store"})
-SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 UNUSUAL_MODES = frozenset({"CMYK", "RGBA", "LA", "PA", "I", "I;16", "I;16B", "I;16L", "F", "1"})
 TINY_SIDE = 16  # px: a shorter side below this is reported
 MAX_ASPECT = 4.0  # longer / shorter side above this is reported
@@ -154,10 +156,14 @@ def _file_warnings(path: str, facts: dict) -> list[Finding]:
 
 
 def inspect_files(
-    paths: Sequence, workers: int | None = None, phash: bool = True
+    paths: Sequence,
+    workers: int | None = None,
+    phash: bool = True,
+    cache_dir: str | os.PathLike | None = None,
 ) -> tuple[dict, int]:
-    """{path: inspect_file result} for every path, reusing cached results; (results, cached)."""
-    cache = _Cache()
+    """{path: inspect_file result} for every path, reusing results cached under ``cache_dir``
+    (``data.cache_dir``; None: the default cache folder); (results, cached)."""
+    cache = _Cache(cache_root(cache_dir))
     results, todo = {}, []
     for path in map(str, paths):
         hit = cache.get(path)
@@ -172,16 +178,18 @@ def inspect_files(
     return results, len(paths) - len(todo)
 
 
-def check_files(paths: Sequence, workers: int | None = None) -> list[Finding]:
+def check_files(
+    paths: Sequence, workers: int | None = None, cache_dir: str | os.PathLike | None = None
+) -> list[Finding]:
     """The files among ``paths`` that cannot be decoded (pre-flight check before training)."""
-    results, _ = inspect_files(paths, workers, phash=False)
+    results, _ = inspect_files(paths, workers, phash=False, cache_dir=cache_dir)
     return [
         Finding(path, rec["kind"], rec["error"]) for path, rec in results.items() if "error" in rec
     ]
 
 
 def _run_parallel(names: Sequence[str], workers: int | None, phash: bool = True) -> list[dict]:
-    workers = workers or _cpu_count()
+    workers = workers or cpu_count()
     inspect = inspect_file if phash else partial(inspect_file, phash=False)
     if len(names) < IN_PROCESS_BELOW or workers <= 1:
         return [inspect(n) for n in names]
@@ -196,8 +204,7 @@ def _run_parallel(names: Sequence[str], workers: int | None, phash: bool = True)
 class _Cache:
     """Per-folder JSON files of {file name: [size, mtime_ns, record]}; stale entries are redone."""
 
-    def __init__(self) -> None:
-        root = Path(os.environ.get("CNNKIT_CACHE_DIR") or "~/.cache/cnnkit").expanduser()
+    def __init__(self, root: Path) -> None:
         self.folder = root / "doctor"
         self.shards: dict[str, dict] = {}
         self.dirty: set[str] = set()
@@ -249,26 +256,24 @@ class _Cache:
         return self.folder / f"{key}.json"
 
 
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 # ---------------------------------------------------------------------------------------------
 # A dataset folder
 
 
-def scan(root: str | os.PathLike, workers: int | None = None) -> Report:
-    """Check every file of the dataset folder ``root``; see the module docstring."""
+def scan(
+    root: str | os.PathLike,
+    workers: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> Report:
+    """Check every file of the dataset folder ``root``; see the module docstring. ``cache_dir``:
+    the cache folder (``data.cache_dir``; None: the default)."""
     start = time.perf_counter()
     root = Path(root)
     if not root.is_dir():
         raise CnnkitError(f"doctor: {root} is not a folder of images")
     report = Report(root=str(root))
     images = _walk(root, report)  # {path: (split, class)}
-    results, report.cached = inspect_files(list(images), workers)
+    results, report.cached = inspect_files(list(images), workers, cache_dir=cache_dir)
     report.images = len(images)
     for path, rec in results.items():
         if "error" in rec:
@@ -277,9 +282,9 @@ def scan(root: str | os.PathLike, workers: int | None = None) -> Report:
             report.warnings.extend(_file_warnings(path, rec["facts"]))
     _count_classes(images, results, report)
     splits = {p: images[p][0] for p in results}
-    report.exact_duplicates = _exact_duplicates(results, splits)
+    report.exact_duplicates = duplicates.exact(results, splits)
     exact = {(d["a"], d["b"]) for d in report.exact_duplicates}
-    near = _near_duplicates(results, splits)
+    near = duplicates.near(results, splits, NEAR_BITS)
     report.near_duplicates = [d for d in near if (d["a"], d["b"]) not in exact]
     report.seconds = time.perf_counter() - start
     return report
@@ -287,12 +292,9 @@ def scan(root: str | os.PathLike, workers: int | None = None) -> Report:
 
 def _walk(root: Path, report: Report) -> dict[str, tuple[str, str]]:
     """Image files -> (split, class); junk, hidden and non-image files go to the warnings."""
-    splits = {SPLIT_DIRS[d.name]: d for d in _dirs(root) if d.name in SPLIT_DIRS}
-    if "train" not in splits:
-        splits = {"train": root}
     images = {}
-    for split, folder in splits.items():
-        classes = _dirs(folder)
+    for split, folder in split_folders(root).items():
+        classes = class_dirs(folder)
         report.classes[split] = {c.name: 0 for c in classes}
         _note_loose_files(folder, report)
         for cls in classes:
@@ -301,35 +303,27 @@ def _walk(root: Path, report: Report) -> dict[str, tuple[str, str]]:
     return images
 
 
-def _dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not _is_junk(p.name))
-
-
 def _note_loose_files(folder: Path, report: Report) -> None:
     for path in sorted(folder.iterdir()):
-        if path.is_file() or (path.is_dir() and _is_junk(path.name)):
-            junk = _is_junk(path.name)
+        if path.is_file() or (path.is_dir() and is_junk(path.name)):
+            junk = is_junk(path.name)
             why = "hidden/junk: ignored" if junk else "not inside a class folder: ignored"
             report.warnings.append(Finding(str(path), "junk" if junk else "loose", why))
 
 
 def _files(folder: Path, report: Report) -> Iterable[str]:
     for top, dirs, names in os.walk(folder, followlinks=True):
-        for d in sorted(d for d in dirs if _is_junk(d)):
+        for d in sorted(d for d in dirs if is_junk(d)):
             report.warnings.append(Finding(str(Path(top, d)), "junk", "hidden/junk folder"))
-        dirs[:] = sorted(d for d in dirs if not _is_junk(d))
+        dirs[:] = sorted(d for d in dirs if not is_junk(d))
         for name in sorted(names):
             path = os.path.join(top, name)
-            if _is_junk(name):
+            if is_junk(name):
                 report.warnings.append(Finding(path, "junk", "hidden/junk file: ignored"))
-            elif not name.lower().endswith(IMAGE_EXTENSIONS):
+            elif not is_image_file(name):
                 report.warnings.append(Finding(path, "other", "not an image name: ignored"))
             else:
                 yield path
-
-
-def _is_junk(name: str) -> bool:
-    return name.startswith(".") or name in JUNK_NAMES or name.endswith("checkpoints")
 
 
 def _count_classes(images: dict, results: dict, report: Report) -> None:
@@ -353,63 +347,6 @@ def _count_classes(images: dict, results: dict, report: Report) -> None:
                 "train", "imbalance", f"largest/smallest class = {worst:.1f}; --balance sampler"
             )
         )
-
-
-def _exact_duplicates(results: dict, splits: dict) -> list[dict]:
-    groups = defaultdict(list)
-    for path, rec in results.items():
-        if "sha" in rec and "error" not in rec:
-            groups[rec["sha"]].append(path)
-    return [_pair(a, b, splits) for paths in groups.values() for a, b in _chain(sorted(paths))]
-
-
-def _chain(paths: list[str]) -> list[tuple[str, str]]:
-    """Each file of a group paired with the group's first (n - 1 pairs, not n^2)."""
-    return [(paths[0], other) for other in paths[1:]]
-
-
-def _pair(a: str, b: str, splits: dict, bits: int | None = None) -> dict:
-    pair = {"a": a, "b": b, "cross_split": splits[a] != splits[b]}
-    if bits is not None:
-        pair["bits"] = bits
-    return pair
-
-
-def _near_duplicates(results: dict, splits: dict) -> list[dict]:
-    """Pairs of perceptual hashes within NEAR_BITS bits. Pigeonhole: two 64-bit hashes that
-    differ in at most k bits agree exactly on at least one of k + 1 bands, so only files sharing
-    a band value are compared (near-linear instead of all n^2 pairs)."""
-    paths = [p for p, rec in results.items() if "phash" in rec]
-    if len(paths) < 2:
-        return []
-    hashes = np.array([int(results[p]["phash"], 16) for p in paths], dtype=np.uint64)
-    found: dict[tuple[int, int], int] = {}
-    bands = NEAR_BITS + 1
-    width = -(-64 // bands)
-    for band in range(bands):
-        keys = (hashes >> np.uint64(band * width)) & np.uint64((1 << width) - 1)
-        order = np.argsort(keys, kind="stable")
-        _close_pairs(hashes, order, keys[order], found)
-    pairs = sorted(found.items())
-    return [_pair(paths[i], paths[j], splits, bits) for (i, j), bits in pairs]
-
-
-def _close_pairs(hashes: np.ndarray, order: np.ndarray, keys: np.ndarray, found: dict) -> None:
-    """Compare each file with the next ``gap`` files of the same band value, gap = 1, 2, ...
-    (one vectorised pass per gap, until no group is that long)."""
-    for gap in range(1, len(order)):
-        same = np.flatnonzero(keys[gap:] == keys[:-gap])
-        if not len(same):
-            return
-        i, j = order[same], order[same + gap]
-        bits = _popcount(hashes[i] ^ hashes[j])
-        close = bits <= NEAR_BITS
-        for a, b, n in zip(i[close].tolist(), j[close].tolist(), bits[close].tolist(), strict=True):
-            found[(min(a, b), max(a, b))] = n
-
-
-def _popcount(x: np.ndarray) -> np.ndarray:
-    return np.unpackbits(x.view(np.uint8).reshape(-1, 8), axis=1).sum(1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """DataLoaders whose batches depend only on (seed, epoch): exact resume, any number of workers.
 
 The order of epoch ``e`` comes from a generator seeded by (seed, e), and the random transform of
-sample ``i`` in epoch ``e`` runs under the CPU RNG seeded by (seed, e, i). Nothing depends on the
-number of workers, on earlier epochs, or on the global RNG, which is left untouched. Call
-``loader.set_epoch(e)`` (or ``loader.sampler.set_epoch(e)``) before iterating epoch ``e``.
+sample ``i`` in epoch ``e`` runs under the CPU RNG seeded by (seed, e, i); an ``EpochDataset``
+also gets (i, e) itself (alternating flips). Nothing depends on the number of workers, on earlier
+epochs, or on the global RNG, which is left untouched. Call ``loader.set_epoch(e)`` (or
+``loader.sampler.set_epoch(e)``) before iterating epoch ``e``.
 
 Errors: a ``CnnkitError`` raised while loading a sample (e.g. ``ImageFileError`` for a corrupt
 file) comes out of the loader as the same type with its original one-line message, also when it
@@ -12,13 +13,13 @@ was raised in a worker process (torch would otherwise prefix the worker's traceb
 
 from __future__ import annotations
 
-import os
 import signal
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
+from cnnkit.data.host import cpu_count
 from cnnkit.errors import CnnkitError
 
 MAX_AUTO_WORKERS = 8
@@ -85,9 +86,25 @@ class EpochSampler(Sampler):
         return iter([(index, self.epoch) for index in self.indices()])
 
 
+class EpochDataset(Dataset):
+    """A map-style dataset whose samples may depend on the epoch as well as on the index
+    (``hflip=alternate``): ``sample(index, epoch)``; ``dataset[index]`` is its epoch 0. The
+    loaders call ``sample`` only while ``epoch_dependent``, else ``dataset[index]`` as for any
+    dataset (so a subclass may still override ``__getitem__``)."""
+
+    epoch_dependent = False
+
+    def sample(self, index: int, epoch: int):
+        raise NotImplementedError
+
+    def __getitem__(self, index: int):
+        return self.sample(index, 0)
+
+
 class SeededDataset(Dataset):
-    """Wraps a dataset: item ``(index, epoch)`` is ``dataset[index]`` computed under the CPU RNG
-    seeded by (seed, epoch, index); the caller's RNG state is restored afterwards."""
+    """Wraps a dataset: item ``(index, epoch)`` is ``dataset[index]`` (``dataset.sample(index,
+    epoch)`` when it is ``epoch_dependent``) computed under the CPU RNG seeded by (seed, epoch,
+    index); the caller's RNG state is restored afterwards."""
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
         self.dataset, self.seed = dataset, seed
@@ -101,6 +118,8 @@ class SeededDataset(Dataset):
         # default_generator only: torch.manual_seed would also reseed CUDA in the main process
         torch.default_generator.manual_seed(mix_seed(self.seed, epoch, index))
         try:
+            if isinstance(self.dataset, EpochDataset) and self.dataset.epoch_dependent:
+                return self.dataset.sample(index, epoch)
             return self.dataset[index]
         finally:
             torch.set_rng_state(state)
@@ -212,7 +231,7 @@ def auto_workers(dataset: Dataset) -> int:
     nbytes = getattr(dataset, "nbytes", None)
     if nbytes is not None and nbytes < SMALL_IN_MEMORY:
         return 0
-    return min(_cpu_count(), MAX_AUTO_WORKERS)
+    return min(cpu_count(), MAX_AUTO_WORKERS)
 
 
 def worker_message(error: BaseException) -> str:
@@ -230,10 +249,3 @@ def worker_message(error: BaseException) -> str:
         if last.startswith(prefix):
             return last[len(prefix) :]
     return last
-
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1

@@ -20,10 +20,12 @@ from torch.utils.data import Dataset
 
 from cnnkit.config import DataConfig
 from cnnkit.data import cache
-from cnnkit.data.batchaug import BatchAugment
+from cnnkit.data.augment import Augment
+from cnnkit.data.batchaug import BatchAugment, batchable
+from cnnkit.data.datasets import FileImageDataset, TensorImageDataset
+from cnnkit.data.host import cache_root
 from cnnkit.data.loader import EpochSampler, auto_workers, make_loader
 from cnnkit.data.transforms import image_mode
-from cnnkit.errors import CnnkitError
 
 GPU_FRACTION = 0.3  # share of free GPU memory that decoded images may take on the device
 
@@ -99,7 +101,7 @@ class MemoryLoader:
 def run_loader(
     dataset: Dataset,
     preprocessing: dict,
-    aug: dict | None,
+    aug: Augment | None,
     cfg: DataConfig,
     batch_size: int,
     *,
@@ -114,14 +116,10 @@ def run_loader(
 ):
     """The fastest loader for ``dataset`` (a split from ``cnnkit.data.build``/``build_eval``).
 
-    ``aug``: the resolved train augmentation (``Splits.augment``), or None for evaluation.
+    ``aug``: the train augmentation (``Splits.augment``), or None for evaluation.
     ``weights``: per-sample weights for class-balanced sampling (with replacement).
     """
-    if cfg.decode_cache not in cache.MODES:
-        raise CnnkitError(
-            f"data.decode_cache must be one of {', '.join(cache.MODES)}, got '{cfg.decode_cache}'"
-        )
-    images = None if cfg.decode_cache == "off" else _images(dataset, preprocessing, aug, cfg, note)
+    images = _images(dataset, preprocessing, aug, cfg, note)
     loader_kw = dict(train=train, seed=seed, rank=rank, world_size=world_size, weights=weights)
     if images is None:
         return make_loader(
@@ -132,9 +130,7 @@ def run_loader(
             **loader_kw,
         )
     if aug is not None and not batchable(aug):
-        from cnnkit.data.sources import TensorImageDataset
-
-        # the per-sample transform works on uint8 tensors as on PIL images (resizes to the stored
+        # the per-sample executor works on uint8 tensors as on PIL images (resizes to the stored
         # size are no-ops)
         memory = TensorImageDataset(images, dataset.targets, dataset.transform)
         return make_loader(memory, batch_size, num_workers=cfg.num_workers, **loader_kw)
@@ -150,27 +146,22 @@ def run_loader(
     return MemoryLoader(images, dataset.targets, batch_size, augment, device=device, **loader_kw)
 
 
-def batchable(aug: dict) -> bool:
-    """True when every step of the train augmentation exists as a batched operation."""
-    return aug.get("auto_augment", "none") == "none" and not aug.get("random_erasing")
-
-
-def _images(dataset, preprocessing: dict, aug: dict | None, cfg: DataConfig, note):
+def _images(dataset, preprocessing: dict, aug: Augment | None, cfg: DataConfig, note):
     """The split as uint8 (N, C, H, W) at the stored geometry, or None when it must stream."""
-    from cnnkit.data.sources import FileImageDataset, TensorImageDataset
-
-    geometry = cache.stored_geometry(preprocessing, bool(aug and aug.get("random_resized_crop")))
+    geometry = cache.stored_geometry(preprocessing, aug is not None and aug.random_resized_crop)
     mode = image_mode(preprocessing)
-    decoded = getattr(dataset, "decoded", None)  # decoded once by data.build (its check)
-    if decoded is not None and dataset.decoded_geometry == geometry and dataset.mode == mode:
-        return decoded
-    channels = 1 if mode == "L" else 3
-    nbytes = len(dataset) * channels * geometry["size"][0] * geometry["size"][1]
-    if cfg.decode_cache == "auto" and nbytes > cache.budget_bytes(cfg.cache_memory):
-        note(
-            f"note: {len(dataset)} images take {nbytes / 2**30:.1f} GiB decoded, over the decode "
-            "budget; streaming them from the files (raise data.cache_memory to decode once)"
-        )
+    decoded = dataset.decoded if isinstance(dataset, FileImageDataset) else None
+    if decoded is not None and decoded.geometry == geometry and dataset.mode == mode:
+        return decoded.images  # decoded once by data.build (its pre-flight check)
+    nbytes = cache.decoded_bytes(len(dataset), mode, geometry)
+    budget = cache.DecodeBudget(cfg.decode_cache, cfg.cache_memory)
+    if not budget.take(nbytes):
+        if budget.limited:
+            note(
+                f"note: {len(dataset)} images take {nbytes / 2**30:.1f} GiB decoded, over the "
+                "decode budget; streaming them from the files (raise data.cache_memory to decode "
+                "once)"
+            )
         return None
     if isinstance(dataset, TensorImageDataset):
         return _resized(dataset.images, geometry)
@@ -179,7 +170,7 @@ def _images(dataset, preprocessing: dict, aug: dict | None, cfg: DataConfig, not
             dataset.paths,
             dataset.mode,
             geometry,
-            cache.cache_root(cfg.cache_dir),
+            cache_root(cfg.cache_dir),
             workers=auto_workers(dataset),
             note=note,
         )

@@ -27,21 +27,27 @@ matching fsspec backend is installed). Each epoch e:
 
 from __future__ import annotations
 
-import io
+import hashlib
 import json
 import os
 import random
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from cnnkit.data import images as image_files
+from cnnkit.data.datasets import read_local
+from cnnkit.data.host import cache_root
 from cnnkit.data.loader import mix_seed
 from cnnkit.errors import CnnkitError
+from cnnkit.fileio import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 META = "meta.json"
 DEFAULT_SHUFFLE_BUFFER = 2000
@@ -81,20 +87,18 @@ def write_shards(
     shard_size: int = 10**9,
     samples_per_shard: int | None = None,
     seed: int = 0,
+    cache_dir: str | None = None,
     note=print,
 ) -> dict:
     """Write ``source`` (folder, CSV or built-in; its train/val/test splits) as tar shards in
-    ``out``; returns the meta dict also written to ``out/meta.json``."""
+    ``out``; returns the meta dict also written to ``out/meta.json``. ``cache_dir``: where
+    built-ins are stored (as ``data.cache_dir``)."""
     wds = _webdataset()
-
-    from cnnkit.config import DataConfig
-    from cnnkit.data.sources import _read_source
-
     out = Path(out)
     if out.exists() and any(out.glob("*.tar")):
         raise CnnkitError(f"{out} already holds .tar shards; choose an empty folder")
     out.mkdir(parents=True, exist_ok=True)
-    src = _read_source(DataConfig(source=source))
+    src = read_local(source, cache_root(cache_dir))
     meta: dict = {"format": "cnnkit-shards-1", "classes": src.classes, "shards": {}}
     for split in SPLITS:
         dataset = getattr(src, split)
@@ -116,9 +120,7 @@ def write_shards(
                 counts[name] = counts.get(name, 0) + 1
         meta["shards"][split] = counts
         note(f"{split}: {len(order)} images in {len(counts)} shard(s)")
-    tmp = out / f".{META}.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, out / META)
+    atomic_write_bytes(out / META, json.dumps(meta, indent=1).encode())
     return meta
 
 
@@ -130,12 +132,8 @@ def _sample_bytes(dataset, index: int) -> tuple[str, bytes]:
         path = Path(paths[index])
         ext = path.suffix.lower().lstrip(".") or "img"
         return ("jpg" if ext == "jpeg" else ext), path.read_bytes()
-    image = dataset.images[index]  # uint8 (C, H, W)
-    array = image.permute(1, 2, 0).numpy()
-    pil = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
-    buffer = io.BytesIO()
-    pil.save(buffer, format="PNG")
-    return "png", buffer.getvalue()
+    pixels = dataset.images[index].permute(1, 2, 0).numpy()  # uint8 (H, W, C)
+    return "png", image_files.encode_png(pixels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,11 +279,7 @@ class ShardDataset(IterableDataset):
         """(width, height, Pillow mode) of the first ``count`` images (input size, channels)."""
         infos = []
         for data, _, where in self._encoded(self.urls):
-            try:
-                with Image.open(io.BytesIO(data)) as img:
-                    infos.append((img.width, img.height, img.mode))
-            except image_files.DECODE_ERRORS:
-                decode_bytes(data, self.mode, where)  # raises the named error
+            infos.append(image_files.image_info(data, name=where))
             if len(infos) >= count:
                 break
         return infos
@@ -397,8 +391,7 @@ def first_samples(dataset: ShardDataset, count: int) -> list:
 
 
 def fingerprint(dataset: ShardDataset) -> str:
-    import hashlib
-
+    """Changes when the shard list or a shard's sample count changes."""
     text = json.dumps([dataset.urls, [dataset.counts[_name(u)] for u in dataset.urls]])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

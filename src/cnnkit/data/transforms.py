@@ -1,4 +1,4 @@
-"""Train and eval transforms (torchvision transforms v2), chosen by input size.
+"""Eval transforms, and the per-sample executor of the train ``Augment`` (torchvision v2).
 
 The ``preprocessing`` dict saved in the model file is all that eval and predict need:
 
@@ -9,13 +9,8 @@ The ``preprocessing`` dict saved in the model file is all that eval and predict 
 ``crop == "none"``: resize straight to ``input_size``. Transforms take a PIL image (mode from
 ``image_mode``) or a uint8 tensor (C, H, W) and return a float32 tensor (C, H, W), normalised.
 
-Train presets (each overridden by the matching ``DataConfig`` field when that is not None):
-
-    input side     geometry                                          hflip
-    < 64 px        eval resize, then random crop after zero padding  0.5 (built-ins: per dataset)
-                   by pad_crop px (side // 8: 4 at 32, 1 at 8)
-    >= 64 px       RandomResizedCrop, scale (0.25, 1) under 128 px,  0.5
-                   (0.08, 1) from 128 px
+Training: ``train_transform`` runs the run's ``Augment`` (``cnnkit.data.augment``) one image at
+a time with ``SampleAugment``; ``cnnkit.data.batchaug.BatchAugment`` is its batched twin.
 """
 
 from __future__ import annotations
@@ -26,20 +21,20 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
-from cnnkit.config import DataConfig
+from cnnkit.data.augment import LARGE_INPUT, Augment, alternate_flips
+from cnnkit.data.images import mode_for
 from cnnkit.errors import CnnkitError
 
-LARGE_INPUT = 64  # px: from this side up, train with RandomResizedCrop and eval with a center crop
 CROP_RATIO = 0.875  # eval on large inputs: resize the shorter side to size / 0.875 (224 <- 256)
-DEFAULT_HFLIP = 0.5
 
 INTERPOLATIONS = {
     "bilinear": v2.InterpolationMode.BILINEAR,
     "bicubic": v2.InterpolationMode.BICUBIC,
     "nearest": v2.InterpolationMode.NEAREST,
 }
-AUTO_AUGMENTS = {"none": None, "trivial": v2.TrivialAugmentWide, "rand": v2.RandAugment}
+AUTO_AUGMENT_POLICIES = {"trivial": v2.TrivialAugmentWide, "rand": v2.RandAugment}
 
 
 def make_preprocessing(
@@ -65,7 +60,7 @@ def make_preprocessing(
 
 def image_mode(preprocessing: dict) -> str:
     """PIL mode to load images in for this preprocessing: "L" for 1 channel, else "RGB"."""
-    return "L" if preprocessing["in_chans"] == 1 else "RGB"
+    return mode_for(preprocessing["in_chans"])
 
 
 def eval_transform(preprocessing: dict) -> v2.Compose:
@@ -78,72 +73,110 @@ def eval_transform(preprocessing: dict) -> v2.Compose:
     return transform
 
 
-def train_transform(preprocessing: dict, cfg: DataConfig, preset: dict | None = None) -> v2.Compose:
-    """Random training transform from the size preset, the dataset ``preset`` and ``cfg``.
-
-    ``preset`` holds dataset defaults (``hflip``, ``pad_crop``) used where ``cfg`` leaves None.
-    Without any random step this is ``eval_transform(preprocessing)``.
-    """
-    aug = resolve_augment(preprocessing, cfg, preset)
-    if not _is_random(aug):
+def train_transform(preprocessing: dict, aug: Augment, seed: int = 0) -> Callable:
+    """The per-sample train transform of ``aug`` (a ``SampleAugment``), or
+    ``eval_transform(preprocessing)`` when no image op of ``aug`` is random. ``seed``: the run's
+    seed (alternating flips depend on it)."""
+    if not aug.random:
         return eval_transform(preprocessing)
-    size = tuple(preprocessing["input_size"])
-    if aug["random_resized_crop"]:
-        scale = (0.08, 1.0) if min(size) >= 128 else (0.25, 1.0)
-        interpolation = INTERPOLATIONS[preprocessing["interpolation"]]
-        ops = [v2.RandomResizedCrop(size, scale=scale, interpolation=interpolation, antialias=True)]
-    else:
-        ops = _resize_ops(preprocessing)
-    if aug["pad_crop"] > 0:
-        mode = "reflect" if aug["pad_mode"] == "reflect" else "constant"
-        ops.append(v2.RandomCrop(size, padding=aug["pad_crop"], padding_mode=mode))
-    if aug["hflip"]:
-        # "alternate" needs the epoch, which only the batched path has: a fair coin here
-        ops.append(v2.RandomHorizontalFlip(0.5 if aug["hflip"] == "alternate" else aug["hflip"]))
-    if AUTO_AUGMENTS[aug["auto_augment"]] is not None:
-        ops.append(AUTO_AUGMENTS[aug["auto_augment"]]())
-    ops += _tensor_ops(preprocessing)
-    if aug["random_erasing"] > 0:
-        ops.append(v2.RandomErasing(aug["random_erasing"]))
-    if aug["cutout"] > 0:
-        ops.append(Cutout(aug["cutout"]))
-    return v2.Compose(ops)
+    return SampleAugment(aug, preprocessing, seed)
 
 
-class Cutout:
-    """Set a ``size`` x ``size`` square (clipped at the borders, centre uniform over the image)
-    of a normalised (C, H, W) tensor to 0, i.e. to the mean colour (DeVries & Taylor, 2017)."""
+class SampleAugment:
+    """Per-sample executor of an ``Augment``: ``augment(image, index, epoch)`` -> (C, H, W) float.
 
-    def __init__(self, size: int) -> None:
-        self.size = size
+    ``image``: PIL (mode from ``image_mode``) or uint8 (C, H, W), any size. Random parameters
+    come from the global CPU RNG, which the loaders seed per (seed, epoch, index); alternating
+    flips use ``index`` and ``epoch`` themselves. ``draw`` makes the parameters and ``apply`` uses
+    them, with the keys of ``BatchAugment.draw`` (one image's values), so both executors can be
+    run on the same parameters.
+    """
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        h, w = image.shape[-2:]
-        cy, cx = int(torch.randint(h, ()).item()), int(torch.randint(w, ()).item())
-        top, left = max(cy - self.size // 2, 0), max(cx - self.size // 2, 0)
-        image = image.clone()
-        image[
-            ..., top : cy - self.size // 2 + self.size, left : cx - self.size // 2 + self.size
-        ] = 0
-        return image
+    def __init__(self, aug: Augment, preprocessing: dict, seed: int = 0) -> None:
+        self.aug, self.seed = aug, seed
+        self.size = [int(side) for side in preprocessing["input_size"]]  # [H, W]
+        self.interpolation = INTERPOLATIONS[preprocessing["interpolation"]]
+        self.rrc = None  # kept for its draw: torchvision's algorithm
+        if aug.random_resized_crop:
+            self.rrc = v2.RandomResizedCrop(self.size, scale=aug.rrc_scale, antialias=True)
+        self.resize = v2.Compose(_resize_ops(preprocessing))
+        policy = AUTO_AUGMENT_POLICIES.get(aug.auto_augment)
+        self.auto = policy() if policy is not None else None
+        self.normalise = ToNormalizedTensor(preprocessing["mean"], preprocessing["std"])
+        self.erase = v2.RandomErasing(aug.random_erasing) if aug.random_erasing > 0 else None
+
+    @property
+    def epoch_dependent(self) -> bool:
+        """True when an image's augmentation depends on its index and the epoch, not only on
+        the RNG (alternating flips)."""
+        return self.aug.hflip == "alternate"
+
+    def __call__(self, image, index: int | None = None, epoch: int = 0) -> torch.Tensor:
+        return self.apply(image, self.draw(image, index, epoch))
+
+    def draw(self, image, index: int | None, epoch: int) -> dict:
+        """Parameters for one image: ``box`` (top, left, height, width) of the random resized
+        crop, ``shift`` (dy, dx) in [0, 2 pad], ``flip``, ``cutout`` centre (y, x). Auto-augment
+        and random erasing draw their own when applied."""
+        aug, params = self.aug, {}
+        if self.rrc is not None:
+            box = self.rrc.make_params([image])
+            params["box"] = (box["top"], box["left"], box["height"], box["width"])
+        if aug.pad_crop:
+            span = 2 * aug.pad_crop + 1  # the two draws of v2.RandomCrop(padding=pad_crop)
+            params["shift"] = tuple(int(torch.randint(0, span, size=())) for _ in range(2))
+        if aug.hflip == "alternate":
+            params["flip"] = self._alternate_flip(index, epoch)
+        elif aug.hflip:
+            params["flip"] = bool(torch.rand(1) < aug.hflip)  # the draw of v2.RandomHorizontalFlip
+        if aug.cutout:
+            params["cutout"] = tuple(int(torch.randint(side, ())) for side in self.size)
+        return params
+
+    def apply(self, image, params: dict) -> torch.Tensor:
+        """``image`` augmented with ``params`` (from ``draw``), then normalised."""
+        if "box" in params:
+            x = TF.resized_crop(
+                image, *params["box"], self.size, self.interpolation, antialias=True
+            )
+        else:
+            x = self.resize(image)
+        if "shift" in params:
+            x = self._shift(x, params["shift"])
+        if params.get("flip"):
+            x = TF.horizontal_flip(x)
+        if self.auto is not None:
+            x = self.auto(x)
+        x = self.normalise(x)
+        if self.erase is not None:
+            x = self.erase(x)
+        if "cutout" in params:
+            x = _cutout(x, params["cutout"], self.aug.cutout)
+        return x
+
+    def _shift(self, x, shift: tuple[int, int]):
+        """Pad by ``pad_crop`` px (zeros or mirrored), then crop the input size at (dy, dx)."""
+        pad = self.aug.pad_crop
+        mode = "reflect" if self.aug.pad_mode == "reflect" else "constant"
+        x = TF.pad(x, [pad, pad, pad, pad], fill=0, padding_mode=mode)
+        return TF.crop(x, shift[0], shift[1], *self.size)
+
+    def _alternate_flip(self, index: int | None, epoch: int) -> bool:
+        if index is None:
+            raise CnnkitError(
+                "data.hflip=alternate flips each image by its index and the epoch, which this "
+                "dataset does not give (streamed shards); use a probability, e.g. data.hflip=0.5"
+            )
+        return bool(alternate_flips(torch.tensor([index]), epoch, self.seed)[0])
 
 
-def resolve_augment(preprocessing: dict, cfg: DataConfig, preset: dict | None = None) -> dict:
-    """The train augmentation actually used (JSON-able): cfg values, else preset, else by size."""
-    side = min(preprocessing["input_size"])
-    preset = preset or {}
-    small_pad = side // 8 if side < LARGE_INPUT else 0
-    aug = {
-        "hflip": _pick(cfg.hflip, preset.get("hflip"), DEFAULT_HFLIP),
-        "pad_crop": _pick(cfg.pad_crop, preset.get("pad_crop"), small_pad),
-        "random_resized_crop": _pick(cfg.random_resized_crop, None, side >= LARGE_INPUT),
-        "pad_mode": cfg.pad_mode,
-        "auto_augment": cfg.auto_augment,
-        "random_erasing": cfg.random_erasing,
-        "cutout": cfg.cutout,
-    }
-    _check_augment(aug)
-    return aug
+def _cutout(image: torch.Tensor, centre: tuple[int, int], size: int) -> torch.Tensor:
+    """Set a ``size`` x ``size`` square of a normalised (C, H, W) image around ``centre`` (y, x),
+    clipped at the borders, to 0, i.e. to the mean colour (DeVries & Taylor, 2017)."""
+    top, left = centre[0] - size // 2, centre[1] - size // 2
+    image = image.clone()
+    image[..., max(top, 0) : top + size, max(left, 0) : left + size] = 0
+    return image
 
 
 class BatchMix:
@@ -164,19 +197,14 @@ class BatchMix:
             return self.transform(images, labels)
 
 
-def batch_mix(cfg: DataConfig, num_classes: int) -> BatchMix | None:
-    """MixUp (``cfg.mixup`` alpha), CutMix (``cfg.cutmix`` alpha), a random choice of the two per
-    batch when both are set, or None when both are 0."""
-    if cfg.mixup < 0 or cfg.cutmix < 0:
-        raise CnnkitError(
-            f"data.mixup and data.cutmix must be >= 0 (0 turns them off), "
-            f"got mixup={cfg.mixup}, cutmix={cfg.cutmix}"
-        )
+def batch_mix(aug: Augment, num_classes: int) -> BatchMix | None:
+    """MixUp (``aug.mixup`` alpha), CutMix (``aug.cutmix`` alpha), a random choice of the two per
+    batch when both are set, or None when both are 0. Applied to the batches of either executor."""
     mixes = []
-    if cfg.mixup > 0:
-        mixes.append(v2.MixUp(alpha=cfg.mixup, num_classes=num_classes))
-    if cfg.cutmix > 0:
-        mixes.append(v2.CutMix(alpha=cfg.cutmix, num_classes=num_classes))
+    if aug.mixup > 0:
+        mixes.append(v2.MixUp(alpha=aug.mixup, num_classes=num_classes))
+    if aug.cutmix > 0:
+        mixes.append(v2.CutMix(alpha=aug.cutmix, num_classes=num_classes))
     if not mixes:
         return None
     return BatchMix(mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes))
@@ -220,33 +248,3 @@ class ToNormalizedTensor:
 
 def _tensor_ops(preprocessing: dict) -> list:
     return [ToNormalizedTensor(preprocessing["mean"], preprocessing["std"])]
-
-
-def _is_random(aug: dict) -> bool:
-    geometry = aug["random_resized_crop"] or aug["pad_crop"] > 0 or bool(aug["hflip"])
-    erase = aug["random_erasing"] > 0 or aug["cutout"] > 0
-    return geometry or aug["auto_augment"] != "none" or erase
-
-
-def _pick(value, preset_value, default):
-    if value is not None:
-        return value
-    return default if preset_value is None else preset_value
-
-
-def _check_augment(aug: dict) -> None:
-    if aug["auto_augment"] not in AUTO_AUGMENTS:
-        raise CnnkitError(
-            f"data.auto_augment '{aug['auto_augment']}' is unknown; "
-            f"use one of {', '.join(AUTO_AUGMENTS)}"
-        )
-    if isinstance(aug["hflip"], str) and aug["hflip"] != "alternate":
-        raise CnnkitError(f"data.hflip is a probability or 'alternate', got '{aug['hflip']}'")
-    for key in ("hflip", "random_erasing"):
-        if not isinstance(aug[key], str) and not 0.0 <= aug[key] <= 1.0:
-            raise CnnkitError(f"data.{key} is a probability in [0, 1], got {aug[key]}")
-    for key in ("pad_crop", "cutout"):
-        if aug[key] < 0:
-            raise CnnkitError(f"data.{key} is a number of pixels >= 0, got {aug[key]}")
-    if aug["pad_mode"] not in ("zero", "reflect"):
-        raise CnnkitError(f"data.pad_mode must be zero or reflect, got '{aug['pad_mode']}'")

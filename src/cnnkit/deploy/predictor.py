@@ -17,7 +17,7 @@ from torch import nn
 from cnnkit import tasks
 from cnnkit.data import load_image
 from cnnkit.data.images import list_images
-from cnnkit.data.transforms import eval_transform
+from cnnkit.data.transforms import eval_transform, image_mode
 from cnnkit.deploy.formats import load_model
 from cnnkit.engine import runtime
 from cnnkit.errors import CnnkitError
@@ -89,7 +89,7 @@ class Predictor:
         self.classes = meta["classes"]
         self.task = tasks.get(meta.get("task", "classification"))  # files before 0.1.1: none
         self.transform = eval_transform(meta["preprocessing"])
-        self.mode = "L" if meta["in_chans"] == 1 else "RGB"
+        self.mode = image_mode(meta["preprocessing"])
 
     def predict(self, inputs, top_k: int = 5, batch_size: int = 64) -> list[dict]:
         """One dict per image: ``{"input": name, "top": [{"class", "index", "prob"}, ...]}``."""

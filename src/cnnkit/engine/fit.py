@@ -115,7 +115,7 @@ def fit(
         scheduler=scheduler if per_step else None,
         scaler=rt.grad_scaler(),
         grad_clip=tc.grad_clip,
-        mix=task.mix(cfg.data, num_classes),
+        mix=task.mix(splits.augment, num_classes),
         ema=weight_averager(model, tc, tc.epochs * len(train_loader)),
         note=progress.message,
         nan_policy=tc.nan_policy,

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from cnnkit.config import RuntimeConfig, from_dict
+from cnnkit.data.host import cpu_count
 from cnnkit.errors import CnnkitError
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -99,11 +100,7 @@ def auto_threads() -> int:
     """Intra-op threads: torch's choice (one per physical core), but never more than the cores
     this process may run on (CPU affinity) or its container's CPU quota; more threads than
     cores make OpenMP spin against itself and steps get many times slower."""
-    limit = [torch.get_num_threads()]
-    try:
-        limit.append(len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        pass
+    limit = [torch.get_num_threads(), cpu_count()]
     quota = _cgroup_cpu_quota()
     if quota is not None:
         limit.append(max(1, int(quota)))

@@ -63,8 +63,9 @@ class Task:
         """Class balancing for ``train.balance`` ``mode``; tasks without it train unbalanced."""
         return Balance("none")
 
-    def mix(self, data_cfg, num_classes: int) -> Callable | None:
-        """A batch mixer (images, targets) -> (images, soft targets), or None."""
+    def mix(self, augment, num_classes: int) -> Callable | None:
+        """A batch mixer (images, targets) -> (images, soft targets) for the run's ``Augment``
+        spec (``cnnkit.data.augment``), or None."""
         return None
 
     def val_extras(self, val: dict, classes: list[str], balance: Balance) -> dict:

@@ -88,8 +88,8 @@ class Classification(Task):
             return Balance(mode, class_weights=weights, imbalanced=imbalanced)
         return Balance(mode, imbalanced=imbalanced)
 
-    def mix(self, data_cfg, num_classes: int):
-        return batch_mix(data_cfg, num_classes)
+    def mix(self, augment, num_classes: int):
+        return batch_mix(augment, num_classes)
 
     def val_extras(self, val: dict, classes: list[str], balance: Balance) -> dict:
         if not balance.imbalanced:
