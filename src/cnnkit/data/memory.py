@@ -147,7 +147,10 @@ def run_loader(
 
 
 def _images(dataset, preprocessing: dict, aug: Augment | None, cfg: DataConfig, note):
-    """The split as uint8 (N, C, H, W) at the stored geometry, or None when it must stream."""
+    """The split as uint8 (N, C, H, W) at the stored geometry, or None when it must stream
+    (always for datasets cnnkit did not make, such as a task's own)."""
+    if not isinstance(dataset, FileImageDataset | TensorImageDataset):
+        return None
     geometry = cache.stored_geometry(preprocessing, aug is not None and aug.random_resized_crop)
     mode = image_mode(preprocessing)
     decoded = dataset.decoded if isinstance(dataset, FileImageDataset) else None
@@ -165,16 +168,14 @@ def _images(dataset, preprocessing: dict, aug: Augment | None, cfg: DataConfig, 
         return None
     if isinstance(dataset, TensorImageDataset):
         return _resized(dataset.images, geometry)
-    if isinstance(dataset, FileImageDataset):
-        return cache.decoded_images(
-            dataset.paths,
-            dataset.mode,
-            geometry,
-            cache_root(cfg.cache_dir),
-            workers=auto_workers(dataset),
-            note=note,
-        )
-    return None
+    return cache.decoded_images(
+        dataset.paths,
+        dataset.mode,
+        geometry,
+        cache_root(cfg.cache_dir),
+        workers=auto_workers(dataset),
+        note=note,
+    )
 
 
 def _resized(images: torch.Tensor, geometry: dict) -> torch.Tensor:
