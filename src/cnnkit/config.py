@@ -360,3 +360,11 @@ def _check_values(cfg: Config) -> None:
         raise CnnkitError(f"data.batch_size must be >= 1 or 'auto', got {cfg.data.batch_size}")
     if cfg.runtime.threads is not None and cfg.runtime.threads < 1:
         raise CnnkitError(f"runtime.threads must be >= 1 or null, got {cfg.runtime.threads}")
+    d = cfg.data
+    for key, value in (("hflip", d.hflip), ("random_erasing", d.random_erasing)):
+        if isinstance(value, float) and not 0.0 <= value <= 1.0:
+            raise CnnkitError(f"data.{key} is a probability in [0, 1], got {value}")
+    for key in ("pad_crop", "cutout", "mixup", "cutmix", "cache_memory"):
+        value = getattr(d, key)
+        if value is not None and value < 0:
+            raise CnnkitError(f"data.{key} must be >= 0 (0 turns it off), got {value}")

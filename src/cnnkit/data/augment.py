@@ -33,12 +33,9 @@ import torch
 
 from cnnkit.config import DataConfig
 from cnnkit.data.loader import mix_seed
-from cnnkit.errors import CnnkitError
 
 LARGE_INPUT = 64  # px: from this side up, train with random resized crops (eval: centre crop)
 DEFAULT_HFLIP = 0.5
-AUTO_AUGMENTS = ("none", "trivial", "rand")  # torchvision's TrivialAugmentWide, RandAugment
-PAD_MODES = ("zero", "reflect")
 # image ops in the order both executors apply them (normalisation comes before random_erasing)
 OPS = ("random_resized_crop", "pad_crop", "hflip", "auto_augment", "random_erasing", "cutout")
 
@@ -80,7 +77,6 @@ def resolve(cfg: DataConfig, input_size: tuple[int, int], preset: dict | None = 
         given = getattr(cfg, spec_field.name, None)
         values[spec_field.name] = given if given is not None else defaults.get(spec_field.name)
     aug = Augment(**{name: value for name, value in values.items() if value is not None})
-    _check(aug)
     return aug
 
 
@@ -92,30 +88,6 @@ def _size_defaults(side: int) -> dict:
         "pad_crop": 0 if large else side // 8,
         "hflip": DEFAULT_HFLIP,
     }
-
-
-def _check(aug: Augment) -> None:
-    if aug.auto_augment not in AUTO_AUGMENTS:
-        raise CnnkitError(
-            f"data.auto_augment '{aug.auto_augment}' is unknown; "
-            f"use one of {', '.join(AUTO_AUGMENTS)}"
-        )
-    if isinstance(aug.hflip, str) and aug.hflip != "alternate":
-        raise CnnkitError(f"data.hflip is a probability or 'alternate', got '{aug.hflip}'")
-    for key in ("hflip", "random_erasing"):
-        value = getattr(aug, key)
-        if not isinstance(value, str) and not 0.0 <= value <= 1.0:
-            raise CnnkitError(f"data.{key} is a probability in [0, 1], got {value}")
-    for key in ("pad_crop", "cutout"):
-        if getattr(aug, key) < 0:
-            raise CnnkitError(f"data.{key} is a number of pixels >= 0, got {getattr(aug, key)}")
-    if aug.pad_mode not in PAD_MODES:
-        raise CnnkitError(f"data.pad_mode must be zero or reflect, got '{aug.pad_mode}'")
-    if aug.mixup < 0 or aug.cutmix < 0:
-        raise CnnkitError(
-            f"data.mixup and data.cutmix must be >= 0 (0 turns them off), "
-            f"got mixup={aug.mixup}, cutmix={aug.cutmix}"
-        )
 
 
 def alternate_flips(indices: torch.Tensor, epoch: int, seed: int) -> torch.Tensor:

@@ -42,7 +42,6 @@ from cnnkit.fileio import atomic_write_bytes, fsync_dir  # same durability as ru
 CACHE_VERSION = 2  # 2: failures kept beside the array
 CHUNK = 256  # images per task of a decode worker
 DEFAULT_BUDGET_FRACTION = 0.5  # of the memory available when a split is loaded
-MODES = ("auto", "on", "off")
 
 
 def stored_geometry(preprocessing: dict, random_resized_crop: bool) -> dict:
@@ -78,10 +77,6 @@ class DecodeBudget:
     memory available when the budget is made), taken in turn."""
 
     def __init__(self, decode_cache: str, cache_memory: float | None) -> None:
-        if decode_cache not in MODES:
-            raise CnnkitError(
-                f"data.decode_cache must be one of {', '.join(MODES)}, got '{decode_cache}'"
-            )
         self.mode = decode_cache
         self.left = budget_bytes(cache_memory) if decode_cache == "auto" else None
 
