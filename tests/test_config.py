@@ -105,6 +105,10 @@ def test_numbers_and_words_share_a_key():
         load(None, ["data.batch_size=big"])
     with pytest.raises(CnnkitError, match="data.batch_size must be >= 1"):
         load(None, ["data.batch_size=0"])
+    with pytest.raises(CnnkitError, match=r"data.hflip is a probability in \[0, 1\], got 1.5"):
+        load(None, ["data.hflip=1.5"])
+    with pytest.raises(CnnkitError, match="data.cutout must be >= 0"):
+        load(None, ["data.cutout=-2"])
 
 
 def test_every_choice_has_an_implementation():
