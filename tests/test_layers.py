@@ -23,6 +23,7 @@ LAYERS = {  # top-level module or subpackage of cnnkit -> layer (ARCHITECTURE.md
     "evaluation": 4,
     "deploy": 4,
     "run": 5,
+    "prepare": 5,
     "tune": 5,
     "cli": 6,
     "__main__": 6,

@@ -13,7 +13,7 @@ from cnnkit.config import resolve as resolve_config
 from cnnkit.data import build
 from cnnkit.engine.checkpoint import load_checkpoint
 from cnnkit.modelfile import load_model_file
-from cnnkit.run import _build_model
+from cnnkit.prepare import build_model as _build_model
 from conftest import make_folder
 
 FOLDER_OPTIONS = dict(progress="plain", num_workers=0, input_size=32)
@@ -140,7 +140,7 @@ def test_pretrained_on_zoo_model_is_refused(tmp_path, capsys, name):
 
 
 def test_pretrained_models_get_the_normalisation_of_their_weights(image_folder):
-    from cnnkit.run import _match_pretrained_normalisation
+    from cnnkit.prepare import match_pretrained_normalisation as _match_pretrained_normalisation
 
     cfg = resolve_config(str(image_folder), model="tv:resnet18", input_size=32)
     splits = build(cfg.data, seed=0)

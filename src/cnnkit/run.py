@@ -22,9 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cnnkit import __version__, data, models, recipes, tasks
+from cnnkit import data, prepare, tasks
 from cnnkit.config import Config, from_dict, load, resolve
-from cnnkit.data import images as image_files
 from cnnkit.data.host import cache_root
 from cnnkit.deploy.formats import load_model
 from cnnkit.engine import distributed, runtime
@@ -37,7 +36,7 @@ from cnnkit.evaluation.lr_finder import LrFindResult, lr_find_for_config
 from cnnkit.evaluation.report import write_report
 from cnnkit.evaluation.scoring import score
 from cnnkit.fileio import atomic_write_bytes
-from cnnkit.modelfile import MODEL_FILE, read_weights
+from cnnkit.modelfile import MODEL_FILE
 
 SKIPPED_FILE = "skipped_files.tsv"
 # Keys a resumed run may change without losing exactness (they do not touch the numbers).
@@ -93,7 +92,7 @@ def train(
         return _resume(
             Path(resume), stop_after, extra + (overrides or []), resume_changed, allow_world_change
         )
-    options, module = _model_option(options)
+    options, module = prepare.model_option(options)
     cfg = resolve(data_source, config, overrides, **options)
     dd = distributed.init(cfg.runtime.device)
     restarted = _torchrun_restart(cfg)
@@ -101,10 +100,10 @@ def train(
         return _resume(restarted, stop_after, [], False, allow_world_change)
     rt = run_runtime(cfg)
     runtime.seed_everything(cfg.train.seed)
-    splits = _build_data(cfg)
-    _check_recipe_data(cfg, splits)
-    model = _build_model(cfg, splits, module=module)
-    splits = _match_pretrained_normalisation(cfg, splits, model)
+    splits = prepare.build_data(cfg)
+    prepare.check_recipe_data(cfg, splits)
+    model = prepare.build_model(cfg, splits, module=module)
+    splits = prepare.match_pretrained_normalisation(cfg, splits, model)
     if cfg.data.batch_size == "auto":
         shape = (splits.in_chans, *splits.input_size)
         size = auto_batch_size(model, rt, shape, len(splits.classes), len(splits.train))
@@ -190,7 +189,7 @@ def _resume(
     changes = _config_changes(saved, cfg)
     if state["epoch"] >= cfg.train.epochs:
         raise CnnkitError(f"--resume: {run_dir} already finished its {cfg.train.epochs} epochs")
-    splits = _build_data(cfg)
+    splits = prepare.build_data(cfg)
     if state.get("fingerprint", splits.fingerprint) != splits.fingerprint:
         changes.append("the data files (added, removed or modified since the checkpoint)")
     if changes and not changed_ok:
@@ -198,7 +197,7 @@ def _resume(
             f"--resume: {', '.join(changes)} changed, so the run would not continue exactly; "
             "add --resume-changed to continue anyway"
         )
-    model = _build_model(cfg, splits, load_weights=False)
+    model = prepare.build_model(cfg, splits, load_weights=False)
     return _fit_in(
         run_dir,
         model,
@@ -249,7 +248,7 @@ def _fit_in(
             splits,
             cfg,
             run_dir,
-            model_meta(cfg, splits, rt.precision),
+            prepare.model_meta(cfg, splits, rt.precision),
             rt,
             tasks.get(cfg.train.task),
             resume=resume_state,
@@ -337,118 +336,6 @@ def _resolve_auto_lr(cfg: Config, splits, model: nn.Module, rt: runtime.Runtime)
     )
 
 
-def _model_option(options: dict) -> tuple[dict, nn.Module | None]:
-    """``model=`` given as a module (returned, to train in place), a class or a builder: the
-    config holds its name (``models.name_for``) either way."""
-    value = options.get("model")
-    if not callable(value):
-        return options, None
-    module = value if isinstance(value, nn.Module) else None
-    return {**options, "model": models.name_for(value)}, module
-
-
-def _build_model(
-    cfg: Config, splits, load_weights: bool = True, module: nn.Module | None = None
-) -> nn.Module:
-    """The configured architecture (or ``module``, the user's own); with ``load_weights`` also
-    its starting weights (published or from a file). Resuming passes False: the checkpoint
-    holds the weights, no download."""
-    mc = cfg.model
-    num_classes, in_chans = len(splits.classes), splits.in_chans
-    if module is not None:
-        model = _from_module(module, cfg, num_classes, in_chans)
-    else:
-        model = models.create_model(
-            mc.name,
-            num_classes=num_classes,
-            in_chans=in_chans,
-            pretrained=mc.pretrained and load_weights,
-            **mc.kwargs,
-        )
-    if models.is_import_path(mc.name):  # not one of ours: run it once before training
-        models.check_logits(model, mc.name, (in_chans, *splits.input_size), num_classes)
-    if load_weights and mc.weights:
-        skipped = models.load_state_into(model, read_weights(mc.weights))
-        if skipped:
-            print(
-                f"note: {len(skipped)} head tensors of {mc.weights} did not match "
-                f"{len(splits.classes)} classes; the head starts fresh"
-            )
-    if load_weights and cfg.train.freeze_epochs and not (mc.weights or mc.pretrained):
-        print(
-            "note: --freeze-epochs without --weights or --pretrained trains a random body "
-            "only later; it is meant for fine-tuning"
-        )
-    return model
-
-
-def _from_module(module: nn.Module, cfg: Config, num_classes: int, in_chans: int) -> nn.Module:
-    if cfg.model.pretrained:
-        raise CnnkitError(
-            "model.pretrained downloads published weights for tv:/timm: names; a module you "
-            "pass trains from the weights it has"
-        )
-    model = models.as_classifier(module, cfg.model.name, num_classes, in_chans)
-    note = models.rebuild_note(model, cfg.model.name, cfg.model.kwargs, num_classes, in_chans)
-    if note and distributed.current().main:
-        print(f"note: {note}")
-    return model
-
-
-def _match_pretrained_normalisation(cfg: Config, splits, model: nn.Module):
-    """Published weights expect the mean/std they were trained with (ImageNet's, usually), not
-    the statistics of the user's data; rebuild the splits with them unless data.mean is set."""
-    mean, std = model.default_cfg["mean"], model.default_cfg["std"]
-    if not cfg.model.pretrained or cfg.data.mean is not None or len(mean) != splits.in_chans:
-        return splits
-    cfg.data.mean, cfg.data.std = [float(v) for v in mean], [float(v) for v in std]
-    return data.build(cfg.data, seed=cfg.train.seed, note=_data_note())
-
-
-def _build_data(cfg: Config):
-    """``data.build`` for a run. Under torchrun the first process of each machine builds first,
-    decoding (and so checking) the files into the cache once; the others then read it back
-    instead of decoding the same files at the same time."""
-    dd = distributed.current()
-    if dd.enabled and dd.local_rank != 0:
-        distributed.barrier()  # wait for this machine's first process to fill the cache
-    splits = data.build(cfg.data, seed=cfg.train.seed, note=_data_note())
-    if dd.enabled and dd.local_rank == 0:
-        distributed.barrier()
-    return splits
-
-
-def _data_note():
-    """Where a training run's data notes (decoding once...) go: the progress output (stdout) of
-    the main process; other ranks stay silent."""
-    return (lambda text: print(text, flush=True)) if distributed.current().main else _silent
-
-
-def _silent(text: str) -> None:
-    pass
-
-
-def model_meta(cfg: Config, splits, precision: str) -> dict:
-    """What the model file must carry to be used without the training data or config;
-    ``precision`` is the run's (fp32 | bf16 | fp16), the default for scoring and predicting."""
-    return {
-        "task": cfg.train.task,
-        "arch": cfg.model.name,
-        "kwargs": cfg.model.kwargs,
-        "num_classes": len(splits.classes),
-        "in_chans": splits.in_chans,
-        "classes": list(splits.classes),
-        "input_size": list(splits.input_size),
-        "mean": list(splits.mean),
-        "std": list(splits.std),
-        "preprocessing": splits.preprocessing,
-        "dataset": splits.name,
-        "fingerprint": splits.fingerprint,
-        "precision": precision,
-        "cnnkit_version": __version__,
-    }
-
-
 def _new_run_dir(cfg: Config, data_name: str) -> Path:
     root = Path(cfg.train.out_dir)
     if cfg.train.name:
@@ -482,43 +369,11 @@ def lr_find(
 ) -> LrFindResult:
     """Sweep the learning rate for the run these arguments (as for ``train``) describe; returns
     an ``LrFindResult`` (lrs, losses, smoothed losses, ``suggestion``, ``figure()``)."""
-    options, module = _model_option(options)
+    options, module = prepare.model_option(options)
     cfg = resolve(data_source, config, overrides, **options)
     rt = runtime.resolve(cfg.runtime, cfg.train.deterministic)
     runtime.seed_everything(cfg.train.seed)
     splits = data.build(cfg.data, seed=cfg.train.seed)
-    model = _build_model(cfg, splits, module=module)
-    splits = _match_pretrained_normalisation(cfg, splits, model)
+    model = prepare.build_model(cfg, splits, module=module)
+    splits = prepare.match_pretrained_normalisation(cfg, splits, model)
     return lr_find_for_config(model, splits, cfg, rt, steps=steps)
-
-
-def _check_recipe_data(cfg: Config, splits) -> None:
-    """Refuse data a recipe cannot train; say what it resized."""
-    if cfg.train.recipe != "speedrun":
-        return
-    side = recipes.SPEEDRUN_SIDE
-    if tuple(splits.input_size) != (side, side):
-        raise CnnkitError(
-            f"the speedrun recipe trains at {side}x{side} but data.input_size is "
-            f"{cfg.data.input_size}; drop data.input_size or use --recipe default"
-        )
-    native = _native_size(splits.train)
-    if native is not None and native != (side, side):
-        print(
-            f"note: speedrun recipe: images of {native[0]}x{native[1]} are resized to "
-            f"{side}x{side}; the recipe is tuned for CIFAR-like 32x32 data"
-        )
-    if splits.test is None and splits.val is None:
-        print("note: no test or validation split: the run ends without a score")
-
-
-def _native_size(dataset) -> tuple[int, int] | None:
-    """(H, W) of the first training image (in-memory tensor or file header)."""
-    images = getattr(dataset, "images", None)
-    if images is not None:
-        return tuple(images.shape[-2:])
-    paths = getattr(dataset, "paths", None)
-    if paths:
-        width, height, _ = image_files.image_info(paths[0])
-        return height, width
-    return None

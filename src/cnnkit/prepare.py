@@ -1,0 +1,160 @@
+"""What a run trains, made from its config: the data (``build_data``, under torchrun the first
+process of each machine decodes first), the model (a zoo name, an import path or the user's own
+module, with its starting weights), the normalisation published weights expect, the checks a
+recipe makes of the data, and the metadata its model file carries. ``cnnkit.run`` calls these.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from cnnkit import __version__, data, models, recipes
+from cnnkit.config import Config
+from cnnkit.data import images as image_files
+from cnnkit.engine import distributed
+from cnnkit.errors import CnnkitError
+from cnnkit.modelfile import read_weights
+
+
+def model_option(options: dict) -> tuple[dict, nn.Module | None]:
+    """``model=`` given as a module (returned, to train in place), a class or a builder: the
+    config holds its name (``models.name_for``) either way."""
+    value = options.get("model")
+    if not callable(value):
+        return options, None
+    module = value if isinstance(value, nn.Module) else None
+    return {**options, "model": models.name_for(value)}, module
+
+
+def build_model(
+    cfg: Config, splits, load_weights: bool = True, module: nn.Module | None = None
+) -> nn.Module:
+    """The configured architecture (or ``module``, the user's own); with ``load_weights`` also
+    its starting weights (published or from a file). Resuming passes False: the checkpoint
+    holds the weights, no download."""
+    mc = cfg.model
+    num_classes, in_chans = len(splits.classes), splits.in_chans
+    if module is not None:
+        model = _from_module(module, cfg, num_classes, in_chans)
+    else:
+        model = models.create_model(
+            mc.name,
+            num_classes=num_classes,
+            in_chans=in_chans,
+            pretrained=mc.pretrained and load_weights,
+            **mc.kwargs,
+        )
+    if models.is_import_path(mc.name):  # not one of ours: run it once before training
+        models.check_logits(model, mc.name, (in_chans, *splits.input_size), num_classes)
+    if load_weights and mc.weights:
+        skipped = models.load_state_into(model, read_weights(mc.weights))
+        if skipped:
+            print(
+                f"note: {len(skipped)} head tensors of {mc.weights} did not match "
+                f"{len(splits.classes)} classes; the head starts fresh"
+            )
+    if load_weights and cfg.train.freeze_epochs and not (mc.weights or mc.pretrained):
+        print(
+            "note: --freeze-epochs without --weights or --pretrained trains a random body "
+            "only later; it is meant for fine-tuning"
+        )
+    return model
+
+
+def _from_module(module: nn.Module, cfg: Config, num_classes: int, in_chans: int) -> nn.Module:
+    if cfg.model.pretrained:
+        raise CnnkitError(
+            "model.pretrained downloads published weights for tv:/timm: names; a module you "
+            "pass trains from the weights it has"
+        )
+    model = models.as_classifier(module, cfg.model.name, num_classes, in_chans)
+    note = models.rebuild_note(model, cfg.model.name, cfg.model.kwargs, num_classes, in_chans)
+    if note and distributed.current().main:
+        print(f"note: {note}")
+    return model
+
+
+def match_pretrained_normalisation(cfg: Config, splits, model: nn.Module):
+    """Published weights expect the mean/std they were trained with (ImageNet's, usually), not
+    the statistics of the user's data; rebuild the splits with them unless data.mean is set."""
+    mean, std = model.default_cfg["mean"], model.default_cfg["std"]
+    if not cfg.model.pretrained or cfg.data.mean is not None or len(mean) != splits.in_chans:
+        return splits
+    cfg.data.mean, cfg.data.std = [float(v) for v in mean], [float(v) for v in std]
+    return data.build(cfg.data, seed=cfg.train.seed, note=_data_note())
+
+
+def build_data(cfg: Config):
+    """``data.build`` for a run. Under torchrun the first process of each machine builds first,
+    decoding (and so checking) the files into the cache once; the others then read it back
+    instead of decoding the same files at the same time."""
+    dd = distributed.current()
+    if dd.enabled and dd.local_rank != 0:
+        distributed.barrier()  # wait for this machine's first process to fill the cache
+    splits = data.build(cfg.data, seed=cfg.train.seed, note=_data_note())
+    if dd.enabled and dd.local_rank == 0:
+        distributed.barrier()
+    return splits
+
+
+def _data_note():
+    """Where a training run's data notes (decoding once...) go: the progress output (stdout) of
+    the main process; other ranks stay silent."""
+    return (lambda text: print(text, flush=True)) if distributed.current().main else _silent
+
+
+def _silent(text: str) -> None:
+    pass
+
+
+def model_meta(cfg: Config, splits, precision: str) -> dict:
+    """What the model file must carry to be used without the training data or config;
+    ``precision`` is the run's (fp32 | bf16 | fp16), the default for scoring and predicting."""
+    return {
+        "task": cfg.train.task,
+        "arch": cfg.model.name,
+        "kwargs": cfg.model.kwargs,
+        "num_classes": len(splits.classes),
+        "in_chans": splits.in_chans,
+        "classes": list(splits.classes),
+        "input_size": list(splits.input_size),
+        "mean": list(splits.mean),
+        "std": list(splits.std),
+        "preprocessing": splits.preprocessing,
+        "dataset": splits.name,
+        "fingerprint": splits.fingerprint,
+        "precision": precision,
+        "cnnkit_version": __version__,
+    }
+
+
+def check_recipe_data(cfg: Config, splits) -> None:
+    """Refuse data a recipe cannot train; say what it resized."""
+    if cfg.train.recipe != "speedrun":
+        return
+    side = recipes.SPEEDRUN_SIDE
+    if tuple(splits.input_size) != (side, side):
+        raise CnnkitError(
+            f"the speedrun recipe trains at {side}x{side} but data.input_size is "
+            f"{cfg.data.input_size}; drop data.input_size or use --recipe default"
+        )
+    native = _native_size(splits.train)
+    if native is not None and native != (side, side):
+        print(
+            f"note: speedrun recipe: images of {native[0]}x{native[1]} are resized to "
+            f"{side}x{side}; the recipe is tuned for CIFAR-like 32x32 data"
+        )
+    if splits.test is None and splits.val is None:
+        print("note: no test or validation split: the run ends without a score")
+
+
+def _native_size(dataset) -> tuple[int, int] | None:
+    """(H, W) of the first training image (in-memory tensor or file header)."""
+    images = getattr(dataset, "images", None)
+    if images is not None:
+        return tuple(images.shape[-2:])
+    paths = getattr(dataset, "paths", None)
+    if paths:
+        width, height, _ = image_files.image_info(paths[0])
+        return height, width
+    return None
