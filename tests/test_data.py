@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnkit.config import DataConfig
+from cnnkit.config import DataConfig, from_dict
 from cnnkit.data import (
     Augment,
     ImageFileError,
@@ -397,8 +397,8 @@ def test_batch_mix_shapes_and_seed():
         assert all(
             torch.equal(a, b) for a, b in zip(again, mix(images, labels, seed=3), strict=True)
         )
-    with pytest.raises(CnnkitError, match="mixup"):  # refused when the spec is resolved
-        build(DataConfig(mixup=-1.0), seed=0)
+    with pytest.raises(CnnkitError, match="mixup"):  # refused when the config loads
+        from_dict({"data": {"mixup": -1.0}})
 
 
 def test_given_mean_std_are_used_and_checked(tmp_path):
