@@ -9,7 +9,7 @@ from cnnkit.errors import CnnkitError
 def test_defaults_train_on_digits():
     cfg = Config()
     assert cfg.data.source == "digits"
-    assert cfg.model.name == "simple_cnn"
+    assert cfg.model.name == "auto"  # resolved by the run: simple_cnn for digits (test_auto)
 
 
 def test_yaml_then_overrides(tmp_path):

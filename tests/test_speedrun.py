@@ -191,7 +191,7 @@ def test_recipe_preset_sits_under_user_settings(tmp_path):
     # the recipe can come from a config object too; its other keys are kept
     cfg = resolve_config("digits", config=Config(train=TrainConfig(recipe="speedrun", seed=4)))
     assert (cfg.model.name, cfg.train.seed) == ("speedrun_net", 4)
-    assert resolve_config("digits").model.name == "simple_cnn"  # default recipe: unchanged
+    assert resolve_config("digits").model.name == "auto"  # default recipe: unchanged
 
 
 def test_recipe_errors(tmp_path):

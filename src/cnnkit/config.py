@@ -58,10 +58,13 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "simple_cnn"  # registry name, "spec", "tv:<torchvision name>" or "timm:<name>"
+    # "auto": chosen from the data and device (cnnkit.models.auto), the choice saved here;
+    # else a registry name, "spec", "tv:<torchvision name>" or "timm:<name>"
+    name: str = "auto"
     kwargs: dict = field(default_factory=dict)  # passed to the builder (e.g. layers for "spec")
     pretrained: bool = False  # adapted models only: download the published weights
     weights: str | None = None  # start from a cnnkit model file or a torchvision/timm state dict
+    auto_choice: str | None = None  # written by a run with name "auto": what it picked, why
 
 
 @dataclass

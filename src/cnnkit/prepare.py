@@ -13,7 +13,8 @@ from cnnkit.config import Config
 from cnnkit.data import images as image_files
 from cnnkit.engine import distributed
 from cnnkit.errors import CnnkitError
-from cnnkit.modelfile import read_weights
+from cnnkit.modelfile import load_model_file, read_weights
+from cnnkit.models import auto
 
 
 def model_option(options: dict) -> tuple[dict, nn.Module | None]:
@@ -24,6 +25,36 @@ def model_option(options: dict) -> tuple[dict, nn.Module | None]:
         return options, None
     module = value if isinstance(value, nn.Module) else None
     return {**options, "model": models.name_for(value)}, module
+
+
+def resolve_auto_model(cfg: Config, device: str) -> auto.Choice | None:
+    """``model.name: auto``: pick the model (and, for photos, the training side) from the data
+    and ``device`` (its type: cpu, cuda, mps), write the choice into ``cfg`` (so config.yaml
+    records it and a resume rebuilds the same net) and print it once."""
+    if cfg.model.name != auto.AUTO:
+        return None
+    side, count = data.peek(cfg.data)
+    arch = _weights_architecture(cfg.model.weights) if cfg.model.weights else None
+    hub = auto.find_hub_weights() if side > auto.SMALL_MAX_SIDE else None
+    choice = auto.choose(side, count, device, hub, arch, download=cfg.model.pretrained)
+    cfg.model.name, cfg.model.auto_choice = choice.name, choice.line()
+    cfg.model.pretrained = choice.pretrained
+    if cfg.data.input_size is None:
+        cfg.data.input_size = choice.input_size
+    if choice.pretrained and cfg.train.freeze_epochs == 0:
+        cfg.train.freeze_epochs = 1  # head-only warm-up: a random head would wreck the body
+    if distributed.current().main:
+        print(choice.line(), flush=True)
+    return choice
+
+
+def _weights_architecture(path: str) -> str | None:
+    """The model name a ``--weights`` file fits (its metadata, or its keys), or None."""
+    try:
+        meta = load_model_file(path)[1]
+    except CnnkitError:  # not a cnnkit model file: a plain state dict
+        meta = None
+    return auto.weights_architecture(read_weights(path), meta)
 
 
 def build_model(

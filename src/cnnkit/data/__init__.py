@@ -29,6 +29,7 @@ _EXPORTS = {
     "Splits": "cnnkit.data.splits",
     "build": "cnnkit.data.splits",
     "build_eval": "cnnkit.data.splits",
+    "peek": "cnnkit.data.splits",
     "batch_mix": "cnnkit.data.transforms",
     "eval_transform": "cnnkit.data.transforms",
     "image_mode": "cnnkit.data.transforms",

@@ -113,6 +113,16 @@ def build(cfg: DataConfig, seed: int, note: Callable[[str], None] | None = None)
     )
 
 
+def peek(cfg: DataConfig) -> tuple[float, int]:
+    """(median shorter side in px, number of training images) of ``cfg.source``, from file
+    headers or a built-in's known size, without decoding: what ``model: auto`` chooses by."""
+    side = stats.builtin_side(cfg.source)
+    if side is not None:
+        return side, 0
+    src = read_source(cfg)
+    return stats.native_side(src.train), len(src.train)
+
+
 def _check_ranges(cfg: DataConfig) -> None:
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise CnnkitError(f"data.val_fraction must be in [0, 1), got {cfg.val_fraction}")

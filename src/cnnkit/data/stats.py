@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from cnnkit.data import cache, shards
+from cnnkit.data import builtins, cache, shards
 from cnnkit.data.datasets import TensorImageDataset
 from cnnkit.data.host import cpu_count
 from cnnkit.data.images import GRAY_MODES, ImageFileError, image_info, load_image
@@ -44,6 +44,26 @@ def geometry(train, input_size: int | None) -> tuple[int, tuple[int, int], str]:
         side = float(np.median([min(w, h) for w, h, _ in infos]))
         input_size = 32 if side <= 40 else 64 if side <= 80 else 224
     return chans, (input_size, input_size), "center"
+
+
+# native sides of the built-ins, known without loading them
+BUILTIN_SIDES = {"digits": 8, "mnist": 28, "fashion-mnist": 28, "cifar10": 32, "cifar100": 32}
+
+
+def builtin_side(source: str) -> float | None:
+    key = builtins.builtin_key(source)
+    return None if key is None else float(BUILTIN_SIDES[key])
+
+
+def native_side(train) -> float:
+    """Median shorter side (px) of up to SIZE_SAMPLE training images, from their headers."""
+    if isinstance(train, TensorImageDataset):
+        return float(min(train.images.shape[-2:]))
+    if isinstance(train, shards.ShardDataset):
+        infos = train.headers(SIZE_SAMPLE)
+    else:
+        infos = _headers(even_sample(train.paths, SIZE_SAMPLE))
+    return float(np.median([min(w, h) for w, h, _ in infos]))
 
 
 def _headers(paths: Sequence) -> list[tuple[int, int, str]]:

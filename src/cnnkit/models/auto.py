@@ -1,0 +1,127 @@
+"""``model: auto`` (the default): the net and training side a run takes when the user names none.
+
+The choice table (``choose``), from the training images' median shorter side, their number and
+the device:
+
+- under 32 px (digits, MNIST): ``simple_cnn`` at the native size; it reaches ~97% on digits in
+  seconds and anything bigger is slower for nothing;
+- 32-40 px (CIFAR-like; resized to 32): ``resnet20`` on CPU (41 MFLOPs), ``resnet18_cifar`` on a
+  GPU, where its 0.56 GFLOPs are cheap;
+- larger (photos): ``resnet10_slim`` (CPU, under 5,000 images) or ``resnet18_slim``, a
+  stride-2-stem ResNet at half ResNet-18's widths, trained at ``PHOTO_SIDE`` px. On ants/bees
+  (245 photos, 2-core AMD EPYC with bf16) 128 px measured the best time to accuracy of the
+  sides tried; ``benchmarks/photos.py`` has the figures;
+- pretrained torchvision ResNet-18 weights already on disk (torch hub cache) or a ``--weights``
+  file whose architecture is known: fine-tune those at the weights' own side (224 px).
+
+Nothing here touches the network: a download could hang offline, so published weights are used
+only when they are already in the torch hub cache (``cnnkit train --model tv:resnet18
+--pretrained`` downloads them once).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+AUTO = "auto"
+DIGITS_MAX_SIDE = 31  # median shorter side (px) below which data is digits-like
+SMALL_MAX_SIDE = 40  # up to this, data.stats resizes to 32 px: CIFAR-like
+PHOTO_SIDE = 128  # training side for photos from scratch (time to accuracy, see above)
+SMALL_PHOTO_SET = 5000  # fewer training images than this: the 10-layer slim net is enough
+PRETRAINED_ARCH = "resnet18"  # torchvision name of the backbone fine-tuned when weights exist
+PRETRAINED_SIDE = 224  # the side those weights were trained at
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What ``model: auto`` resolved to; ``input_size`` None keeps the data's own size."""
+
+    name: str
+    input_size: int | None
+    pretrained: bool
+    reason: str
+
+    def line(self) -> str:
+        """The one line a run prints: what, why, and how to choose otherwise."""
+        side = f" at {self.input_size} px" if self.input_size else ""
+        start = "pretrained" if self.pretrained else "from scratch"
+        return (
+            f"model auto: {self.name}{side}, {start} ({self.reason}); "
+            f"choose another with --model NAME (cnnkit models) and --input-size N"
+        )
+
+
+def choose(
+    side: float,
+    num_images: int,
+    device: str,
+    hub_weights: Path | None = None,
+    weights_arch: str | None = None,
+    download: bool = False,
+) -> Choice:
+    """The model for data whose training images have median shorter side ``side`` px.
+
+    ``hub_weights``: published weights found on disk (``find_hub_weights``); ``weights_arch``:
+    the architecture of the user's ``--weights`` file (``weights_architecture``), which wins;
+    ``download``: the user asked for published weights (``--pretrained``), so fetching is fine."""
+    if weights_arch is not None:
+        return Choice(weights_arch, None, False, "the architecture of the --weights file")
+    if download and hub_weights is None:
+        why = "ImageNet weights downloaded, as --pretrained asks"
+        return Choice(f"tv:{PRETRAINED_ARCH}", PRETRAINED_SIDE, True, why)
+    if side <= DIGITS_MAX_SIDE:
+        return Choice("simple_cnn", None, False, f"small images ({side:g} px)")
+    if side <= SMALL_MAX_SIDE:
+        name = "resnet18_cifar" if device == "cuda" else "resnet20"
+        return Choice(name, None, False, f"{side:g} px images, CIFAR-like, on {device}")
+    if hub_weights is not None:
+        why = f"photos ({side:g} px); ImageNet weights found at {hub_weights}"
+        return Choice(f"tv:{PRETRAINED_ARCH}", PRETRAINED_SIDE, True, why)
+    slim = num_images < SMALL_PHOTO_SET and device == "cpu"
+    name = "resnet10_slim" if slim else "resnet18_slim"
+    train_side = min(PHOTO_SIDE, int(side))
+    why = (
+        f"{num_images} photos of {side:g} px on {device}; {train_side} px for time to "
+        f"accuracy; no pretrained weights on disk (torch hub cache {hub_checkpoints()})"
+    )
+    return Choice(name, train_side, False, why)
+
+
+def hub_checkpoints() -> Path:
+    """Where torchvision keeps downloaded weights ($TORCH_HOME/hub/checkpoints)."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def find_hub_weights(arch: str = PRETRAINED_ARCH) -> Path | None:
+    """The file of ``arch``'s default torchvision weights when it is already downloaded. The
+    file name comes from the weights' URL, so this reads no network."""
+    import torchvision.models as tvm  # torchvision's weight tables: only when auto looks
+
+    url = tvm.get_model_weights(arch).DEFAULT.url
+    path = hub_checkpoints() / os.path.basename(url)
+    return path if path.is_file() else None
+
+
+# torchvision ResNet state dicts told apart by their keys: (block key that must exist, arch)
+_TV_RESNETS = (
+    ("layer1.0.conv3.weight", "resnet50"),  # bottleneck blocks
+    ("layer3.5.conv1.weight", "resnet34"),  # six blocks in stage 3
+    ("layer4.1.conv2.weight", "resnet18"),
+)
+
+
+def weights_architecture(state: dict, meta: dict | None) -> str | None:
+    """The model name a ``--weights`` file fits: a cnnkit model file says it (``meta['arch']``);
+    a torchvision ResNet state dict is known by its keys; anything else is not guessed."""
+    if meta and meta.get("arch"):
+        return str(meta["arch"])
+    if "fc.weight" not in state:
+        return None
+    for key, arch in _TV_RESNETS:
+        if key in state:
+            return f"tv:{arch}"
+    return None

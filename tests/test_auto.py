@@ -1,0 +1,114 @@
+"""model: auto (the default): the choice per input size, images and device; the one line it
+prints and config.yaml's record; published weights found on disk in torchvision's layout; and
+the offline path with no weights, which trains from scratch without touching the network."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torchvision
+import yaml
+
+import cnnkit
+from cnnkit.engine.checkpoint import load_checkpoint
+from cnnkit.models import auto
+from conftest import write_image
+
+OPTIONS = dict(progress="plain", num_workers=0, report=False)
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """An empty torch hub cache and no network: any connection attempt fails the test."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("model: auto tried the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def photo_folder(root, side: int = 48, per_class: int = 8):
+    """Two classes of side x side 'photos' (larger than the 40 px CIFAR-like limit)."""
+    for c, color in enumerate([(200, 60, 60), (60, 60, 200)]):
+        for i in range(per_class):
+            write_image(root / f"c{c}" / f"{i}.jpg", color, (side, side + 8), seed=c * 100 + i)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("side", "count", "device", "name", "input_size"),
+    [
+        (8, 1000, "cpu", "simple_cnn", None),
+        (28, 60000, "cuda", "simple_cnn", None),
+        (32, 50000, "cpu", "resnet20", None),
+        (32, 50000, "cuda", "resnet18_cifar", None),
+        (375, 245, "cpu", "resnet10_slim", 128),
+        (375, 20000, "cpu", "resnet18_slim", 128),
+        (375, 245, "cuda", "resnet18_slim", 128),
+        (64, 245, "cpu", "resnet10_slim", 64),
+    ],
+)
+def test_choice_per_size_images_and_device(side, count, device, name, input_size):
+    choice = auto.choose(side, count, device)
+    assert (choice.name, choice.input_size, choice.pretrained) == (name, input_size, False)
+    assert "--model" in choice.line() and "\n" not in choice.line()
+
+
+def test_weights_on_disk_or_asked_for_pick_the_pretrained_backbone(tmp_path):
+    found = auto.choose(375, 245, "cpu", hub_weights=tmp_path / "resnet18.pth")
+    assert (found.name, found.input_size, found.pretrained) == ("tv:resnet18", 224, True)
+    asked = auto.choose(375, 245, "cpu", download=True)
+    assert asked.pretrained and "--pretrained" in asked.reason
+    assert auto.choose(8, 100, "cpu", hub_weights=None).name == "simple_cnn"
+
+
+def test_offline_without_weights_trains_from_scratch_and_records_it(tmp_path, offline, capsys):
+    folder = photo_folder(tmp_path / "photos")
+    result = cnnkit.train(str(folder), epochs=1, out_dir=str(tmp_path / "runs"), **OPTIONS)
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("model auto:")]
+    assert len(lines) == 1 and "resnet10_slim at 48 px, from scratch" in lines[0], lines
+    assert "no pretrained weights on disk" in lines[0]
+    saved = yaml.safe_load((result.run_dir / "config.yaml").read_text())
+    assert saved["model"]["name"] == "resnet10_slim" and saved["model"]["auto_choice"] == lines[0]
+    assert saved["data"]["input_size"] == 48 and saved["model"]["pretrained"] is False
+
+
+def test_weights_in_the_torch_hub_cache_are_found_loaded_and_fine_tuned(tmp_path, offline, capsys):
+    """Randomly initialised weights saved where torchvision keeps downloads: auto takes
+    tv:resnet18 pretrained from that file, warms the head up with the body frozen, then
+    unfreezes."""
+    hub = auto.hub_checkpoints()
+    hub.mkdir(parents=True)
+    url = torchvision.models.ResNet18_Weights.DEFAULT.url
+    saved = torchvision.models.resnet18().state_dict()
+    torch.save(saved, hub / url.rsplit("/", 1)[1])
+    folder = photo_folder(tmp_path / "photos", per_class=4)
+
+    run = cnnkit.train(
+        str(folder), epochs=2, stop_after=1, out_dir=str(tmp_path / "runs"), **OPTIONS
+    )
+    assert "tv:resnet18 at 224 px, pretrained" in capsys.readouterr().out
+    cfg = yaml.safe_load((run.run_dir / "config.yaml").read_text())
+    assert cfg["model"]["pretrained"] and cfg["train"]["freeze_epochs"] == 1
+    assert cfg["data"]["mean"] == pytest.approx([0.485, 0.456, 0.406])  # from the weights
+    frozen = load_checkpoint(run.run_dir / "checkpoints/last.pt")["model"]
+    assert torch.equal(frozen["model.layer1.0.conv1.weight"], saved["layer1.0.conv1.weight"])
+    assert torch.equal(frozen["model.conv1.weight"], saved["conv1.weight"])
+
+    done = cnnkit.train(resume=run.run_dir)
+    after = load_checkpoint(done.run_dir / "checkpoints/last.pt")["model"]
+    assert not torch.equal(after["model.layer1.0.conv1.weight"], saved["layer1.0.conv1.weight"])
+
+
+def test_weights_file_in_torchvision_layout_names_the_architecture(tmp_path, offline, capsys):
+    path = tmp_path / "mine.pth"
+    torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), path)
+    folder = photo_folder(tmp_path / "photos", per_class=4)
+    cfg = cnnkit.config.resolve(str(folder), weights=str(path))
+    choice = cnnkit.prepare.resolve_auto_model(cfg, "cpu")
+    assert choice.name == cfg.model.name == "tv:resnet18" and not cfg.model.pretrained
+    assert "--weights" in capsys.readouterr().out
