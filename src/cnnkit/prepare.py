@@ -41,6 +41,10 @@ def resolve_auto_model(cfg: Config, device: str) -> auto.Choice | None:
     cfg.model.pretrained = choice.pretrained
     if cfg.data.input_size is None:
         cfg.data.input_size = choice.input_size
+    defaults = Config()
+    for section, key, value in choice.settings:  # keys the user left at their defaults
+        if getattr(getattr(cfg, section), key) == getattr(getattr(defaults, section), key):
+            setattr(getattr(cfg, section), key, value)
     if choice.pretrained and cfg.train.freeze_epochs == 0:
         cfg.train.freeze_epochs = 1  # head-only warm-up: a random head would wreck the body
     if distributed.current().main:
