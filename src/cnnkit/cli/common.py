@@ -14,6 +14,9 @@ MODEL_PRECISION = typer.Option(
     help="fp32, bf16, fp16 or auto; default: the precision the run trained with.",
     show_default=False,
 )
+TTA = typer.Option(
+    help="Test-time augmentation: none, flip (2 views) or flip_translate (6 views, averaged)."
+)
 CURRENT_ARGV: list[str] = []  # the running command's arguments, set by cli.main.run
 
 

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from cnnkit.cli.common import DEBUG, MODEL_PRECISION
+from cnnkit.cli.common import DEBUG, MODEL_PRECISION, TTA
 
 MAX_CONFUSION_CLASSES = 20  # wider matrices do not fit a terminal; --json has them all
 
@@ -27,6 +27,7 @@ def eval_(
     num_workers: Annotated[int | None, typer.Option(help="DataLoader workers.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
     precision: Annotated[str | None, MODEL_PRECISION] = None,
+    tta: Annotated[str, TTA] = "none",
     debug: Annotated[bool, DEBUG] = False,
 ) -> None:
     """Loss, top-1/top-5, per-class precision/recall/F1 and the confusion matrix."""
@@ -40,6 +41,7 @@ def eval_(
         device=device,
         num_workers=num_workers,
         precision=precision,
+        tta=tta,
     )
     if as_json:
         print(json.dumps(metrics, indent=2))
@@ -57,6 +59,8 @@ def _print_tables(m: dict) -> None:
         f"top-5 {m['acc5']:.4f}  loss {m['loss']:.4f}  "
         f"balanced acc {m['balanced_acc']:.4f}  macro F1 {m['macro_f1']:.4f}"
     )
+    if "tta" in m:
+        console.print(f"with tta {m['tta']}; without: acc {m['acc_no_tta']:.4f}")
     table = Table("class", "precision", "recall", "F1", "support", title="per class")
     for r in m["per_class"]:
         table.add_row(

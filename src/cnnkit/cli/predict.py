@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from cnnkit.cli.common import DEBUG, MODEL_PRECISION
+from cnnkit.cli.common import DEBUG, MODEL_PRECISION, TTA
 
 
 def predict(
@@ -24,6 +24,7 @@ def predict(
         bool, typer.Option("--csv", help="Print CSV (input,rank,class,prob).")
     ] = False,
     precision: Annotated[str | None, MODEL_PRECISION] = None,
+    tta: Annotated[str, TTA] = "none",
     debug: Annotated[bool, DEBUG] = False,
 ) -> None:
     """Classify images with a trained model, using the preprocessing stored in its file."""
@@ -33,7 +34,13 @@ def predict(
     if top_k < 1:
         raise typer.BadParameter(f"must be at least 1, got {top_k}", param_hint="--top-k")
     results = api_predict(
-        model, inputs, top_k=top_k, batch_size=batch_size, device=device, precision=precision
+        model,
+        inputs,
+        top_k=top_k,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        tta=tta,
     )
     if as_json:
         print(json.dumps(results, indent=2))

@@ -21,6 +21,7 @@ from cnnkit.data.transforms import eval_transform, image_mode
 from cnnkit.deploy.formats import load_model
 from cnnkit.engine import runtime
 from cnnkit.errors import CnnkitError
+from cnnkit.evaluation.tta import with_tta
 
 GLOB_CHARS = set("*?[")
 
@@ -33,11 +34,13 @@ def predict(
     batch_size: int = 64,
     device: str = "auto",
     precision: str | None = None,
+    tta: str = "none",
 ) -> list[dict]:
     """Top-k classes for image files, folders or glob patterns (or PIL images); ``precision``:
-    default, the precision the run trained with."""
+    default, the precision the run trained with; ``tta``: none, flip or flip_translate (the
+    probabilities of the mean logits over those views)."""
     model = run_or_model if isinstance(run_or_model, nn.Module) else load_model(run_or_model)
-    predictor = Predictor(model, device=device, precision=precision)
+    predictor = Predictor(model, device=device, precision=precision, tta=tta)
     return predictor.predict(inputs, top_k=top_k, batch_size=batch_size)
 
 
@@ -76,7 +79,13 @@ class Predictor:
     ``probabilities`` per micro-batch, ``top``); ``predict`` chains them for files.
     """
 
-    def __init__(self, model: nn.Module, device: str = "auto", precision: str | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        device: str = "auto",
+        precision: str | None = None,
+        tta: str = "none",
+    ):
         meta = getattr(model, "meta", None)
         if meta is None:
             raise CnnkitError(
@@ -84,7 +93,8 @@ class Predictor:
                 "the classes and preprocessing)"
             )
         self.rt = runtime.for_model(meta, device, precision)  # default: the run's precision
-        self.model = model.to(self.rt.device, memory_format=self.rt.memory_format).eval()
+        model = model.to(self.rt.device, memory_format=self.rt.memory_format).eval()
+        self.model = with_tta(model, tta)
         self.meta = meta
         self.classes = meta["classes"]
         self.task = tasks.get(meta.get("task", "classification"))  # files before 0.1.1: none

@@ -20,7 +20,7 @@ from cnnkit.engine import runtime
 from cnnkit.engine.loop import evaluate as evaluate_loader
 from cnnkit.errors import CnnkitError
 from cnnkit.evaluation.report import check_run, write_report
-from cnnkit.evaluation.tta import with_tta
+from cnnkit.evaluation.tta import check_mode, with_tta
 from cnnkit.modelfile import run_folder_of
 from cnnkit.tasks.classification import summarize
 
@@ -33,17 +33,23 @@ def evaluate(
     device: str = "auto",
     num_workers: int | None = None,
     precision: str | None = None,
+    tta: str = "none",
 ) -> dict:
     """Loss, top-1/top-5, per-class precision/recall/F1 and the confusion matrix.
 
     Without ``data_source`` the run's own test split is used (its validation split when it has
     no test split); that needs a run folder, not a bare model file. ``precision``: fp32, bf16,
-    fp16 or auto; default: the precision the run trained with.
+    fp16 or auto; default: the precision the run trained with. ``tta``: none, flip or
+    flip_translate (``evaluation.tta``); the metrics then also hold ``acc_no_tta``, so the gain
+    is measured, not assumed.
     """
     model = load_model(run_or_model, device=device)
     rt = runtime.for_model(model.meta, device, precision)
     dataset, split = eval_dataset(run_or_model, model, data_source)
-    metrics = score(model, dataset, batch_size, rt, DataConfig(num_workers=num_workers))
+    data_cfg = DataConfig(num_workers=num_workers)
+    metrics = score(model, dataset, batch_size, rt, data_cfg, check_mode(tta))
+    if tta != "none":
+        metrics["acc_no_tta"] = score(model, dataset, batch_size, rt, data_cfg)["acc"]
     metrics["split"] = split
     return metrics
 
