@@ -13,7 +13,9 @@ import yaml
 
 import cnnkit
 from cnnkit.cli.main import run
+from cnnkit.config import OptimConfig
 from cnnkit.engine.checkpoint import load_checkpoint
+from cnnkit.engine.optim import create_optimizer, create_scheduler
 from cnnkit.models import auto
 from conftest import write_image
 
@@ -100,6 +102,7 @@ def test_weights_in_the_torch_hub_cache_are_found_loaded_and_fine_tuned(tmp_path
     assert "tv:resnet18 at 224 px, pretrained" in capsys.readouterr().out
     cfg = yaml.safe_load((run.run_dir / "config.yaml").read_text())
     assert cfg["model"]["pretrained"] and cfg["train"]["freeze_epochs"] == 1
+    assert cfg["optim"]["body_lr_mult"] == auto.PRETRAINED_BODY_LR_MULT
     assert cfg["data"]["mean"] == pytest.approx([0.485, 0.456, 0.406])  # from the weights
     frozen = load_checkpoint(run.run_dir / "checkpoints/last.pt")["model"]
     assert torch.equal(frozen["model.layer1.0.conv1.weight"], saved["layer1.0.conv1.weight"])
@@ -118,3 +121,17 @@ def test_weights_file_in_torchvision_layout_names_the_architecture(tmp_path, off
     choice = cnnkit.prepare.resolve_auto_model(cfg, "cpu")
     assert choice.name == cfg.model.name == "tv:resnet18" and not cfg.model.pretrained
     assert "--weights" in capsys.readouterr().out
+
+
+def test_discriminative_lrs_keep_the_head_at_lr_and_the_body_below_all_run():
+    model = cnnkit.create_model("test_resnet", num_classes=3)
+    cfg = OptimConfig(lr=0.1, body_lr_mult=0.1)
+    opt = create_optimizer(model, cfg, batch_size=32)
+    sched = create_scheduler(opt, cfg, epochs=2, steps_per_epoch=5)
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    head = {id(p) for p in model.get_classifier().parameters()}
+    lrs = {all(id(p) in head for p in g["params"]): g["lr"] for g in opt.param_groups}
+    assert lrs[False] == pytest.approx(0.1 * lrs[True]) and lrs[True] > 0
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))

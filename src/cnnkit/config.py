@@ -82,6 +82,9 @@ class OptimConfig:
     gamma: float = 0.1  # step/plateau: decay factor
     plateau_patience: int = 3  # plateau: epochs without improvement before a decay
     norm_bias_lr_mult: float = 1.0  # lr multiplier for batch-norm biases (speedrun: 64)
+    # lr of all but the classifier head, relative to lr: fine-tuning keeps pretrained features
+    # from being wrecked by the new head's large early gradients (model auto, pretrained: 0.1)
+    body_lr_mult: float = 1.0
     decoupled_wd: bool = False  # sgd: weight_decay is the shrink per step at peak lr, whatever lr
 
 
@@ -367,6 +370,8 @@ def _check_values(cfg: Config) -> None:
     for key, value in (("hflip", d.hflip), ("random_erasing", d.random_erasing)):
         if isinstance(value, float) and not 0.0 <= value <= 1.0:
             raise CnnkitError(f"data.{key} is a probability in [0, 1], got {value}")
+    if not cfg.optim.body_lr_mult > 0:
+        raise CnnkitError(f"optim.body_lr_mult must be > 0, got {cfg.optim.body_lr_mult}")
     for key in ("pad_crop", "cutout", "mixup", "cutmix", "cache_memory"):
         value = getattr(d, key)
         if value is not None and value < 0:

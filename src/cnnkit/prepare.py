@@ -47,6 +47,8 @@ def resolve_auto_model(cfg: Config, device: str) -> auto.Choice | None:
             setattr(getattr(cfg, section), key, value)
     if choice.pretrained and cfg.train.freeze_epochs == 0:
         cfg.train.freeze_epochs = 1  # head-only warm-up: a random head would wreck the body
+    if choice.pretrained and cfg.optim.body_lr_mult == 1.0:
+        cfg.optim.body_lr_mult = auto.PRETRAINED_BODY_LR_MULT
     if distributed.current().main:
         print(choice.line(), flush=True)
     return choice

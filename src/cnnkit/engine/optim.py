@@ -51,6 +51,21 @@ def param_groups(
     return groups
 
 
+def split_head(groups: list[dict], model: nn.Module, body_lr_mult: float) -> list[dict]:
+    """Each group split in two: the classifier head's parameters keep the group's lr, the
+    body's get ``body_lr_mult`` times it (discriminative lrs for fine-tuning). The schedules
+    scale every group's lr by the same factor, so the ratio holds all run long."""
+    head = {id(p) for p in model.get_classifier().parameters()}
+    out = []
+    for group in groups:
+        for in_head in (True, False):
+            params = [p for p in group["params"] if (id(p) in head) == in_head]
+            lr = group["lr"] * (1.0 if in_head else body_lr_mult)
+            if params:
+                out.append({**group, "params": params, "lr": lr})
+    return out
+
+
 def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.batchnorm._NormBase | nn.GroupNorm | nn.LayerNorm)
 
@@ -96,6 +111,8 @@ def create_optimizer(model: nn.Module, cfg: OptimConfig, batch_size: int) -> tor
         )
     lr = default_lr(cfg, batch_size)
     groups = param_groups(model, default_weight_decay(cfg), lr, cfg.norm_bias_lr_mult)
+    if cfg.body_lr_mult != 1.0:
+        groups = split_head(groups, model, cfg.body_lr_mult)
     if cfg.decoupled_wd:
         # SGD multiplies the decay by the lr, so divide it out: each step shrinks the weights by
         # weight_decay x (the schedule's current fraction of peak lr), whatever the lr or its

@@ -37,6 +37,7 @@ SMALL_PHOTO_SET = 5000  # fewer training images than this: the 10-layer slim net
 PHOTO_SETTINGS = (("data", "batch_size", 32), ("train", "epochs", 30))
 PRETRAINED_ARCH = "resnet18"  # torchvision name of the backbone fine-tuned when weights exist
 PRETRAINED_SIDE = 224  # the side those weights were trained at
+PRETRAINED_BODY_LR_MULT = 0.1  # body lr / head lr after the head-only epoch (fastai-like)
 
 
 @dataclass(frozen=True)
