@@ -71,8 +71,8 @@ def test_weights_on_disk_or_asked_for_pick_the_pretrained_backbone(tmp_path):
 
 def test_offline_without_weights_trains_from_scratch_and_records_it(tmp_path, offline, capsys):
     folder = photo_folder(tmp_path / "photos")
-    args = ["train", str(folder), "--epochs", "1", "--quiet", "--no-report", "--num-workers", "0"]
-    assert run([*args, f"train.out_dir={tmp_path}/runs"]) == 0
+    args = ["train", str(folder), "--epochs", "1", "--batch-size", "8", "--quiet", "--no-report"]
+    assert run([*args, "--num-workers", "0", f"train.out_dir={tmp_path}/runs"]) == 0
     out = capsys.readouterr().out
     lines = [x for x in out.splitlines() if x.startswith("model auto:")]
     assert len(lines) == 1 and "resnet10_slim at 48 px, from scratch" in lines[0], lines
@@ -82,7 +82,9 @@ def test_offline_without_weights_trains_from_scratch_and_records_it(tmp_path, of
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["model"]["name"] == "resnet10_slim" and saved["model"]["auto_choice"] == lines[0]
     assert saved["data"]["input_size"] == 48 and saved["model"]["pretrained"] is False
-    assert (saved["data"]["batch_size"], saved["train"]["epochs"]) == (32, 1)  # epochs given
+    # the photo settings apply only where the user left the default: tta yes, batch/epochs no
+    assert (saved["data"]["batch_size"], saved["train"]["epochs"]) == (8, 1)
+    assert saved["train"]["tta"] == "flip" and "where not set: batch_size 32" in lines[0]
 
 
 def test_weights_in_the_torch_hub_cache_are_found_loaded_and_fine_tuned(tmp_path, offline, capsys):
