@@ -24,6 +24,7 @@ from cnnkit.cli import report as report_cmd
 from cnnkit.cli import serve as serve_cmd
 from cnnkit.cli import shard as shard_cmd
 from cnnkit.cli import train as train_cmd
+from cnnkit.cli import tune as tune_cmd
 
 app = typer.Typer(
     name="cnnkit",
@@ -45,6 +46,7 @@ app.command("lr-find")(lr_find_cmd.lr_find)
 app.command("export")(export_cmd.export)
 app.command("bench")(bench_cmd.bench)
 app.command("serve")(serve_cmd.serve)
+app.command("tune")(tune_cmd.tune)
 
 
 def main(argv: list[str] | None = None) -> int:
