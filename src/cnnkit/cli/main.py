@@ -21,6 +21,7 @@ from cnnkit.cli import lr_find as lr_find_cmd
 from cnnkit.cli import models as models_cmd
 from cnnkit.cli import predict as predict_cmd
 from cnnkit.cli import report as report_cmd
+from cnnkit.cli import runs as runs_cmd
 from cnnkit.cli import serve as serve_cmd
 from cnnkit.cli import shard as shard_cmd
 from cnnkit.cli import train as train_cmd
@@ -47,6 +48,8 @@ app.command("export")(export_cmd.export)
 app.command("bench")(bench_cmd.bench)
 app.command("serve")(serve_cmd.serve)
 app.command("tune")(tune_cmd.tune)
+app.command("runs")(runs_cmd.runs)
+app.command("compare")(runs_cmd.compare_)
 
 
 def main(argv: list[str] | None = None) -> int:

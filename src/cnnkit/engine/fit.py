@@ -80,15 +80,15 @@ def fit(
 ) -> FitResult:
     """Train ``model`` on ``splits`` as ``cfg`` says, writing everything into ``run_dir``.
 
-        ``model_meta`` is stored in the model file (architecture, classes, preprocessing). ``rt`` is
-        the run's one resolved runtime (device, precision, layout, compile; ``runtime.resolve``);
-        ``task`` supplies the loss, the metrics, class balancing and batch mixing (``cnnkit.tasks``).
-        ``resume`` is a checkpoint dict to continue from; ``stop_after`` ends this call after that
-        many epochs (the run can be resumed later), for time-boxed jobs. ``after_step(epoch, step)``
-        is called after every training step (fault-injection tests use it); ``on_epoch(row)`` after
+    ``model_meta`` is stored in the model file (architecture, classes, preprocessing). ``rt`` is
+    the run's one resolved runtime (device, precision, layout, compile; ``runtime.resolve``);
+    ``task`` supplies the loss, the metrics, class balancing and batch mixing (``cnnkit.tasks``).
+    ``resume`` is a checkpoint dict to continue from; ``stop_after`` ends this call after that
+    many epochs (the run can be resumed later), for time-boxed jobs. ``after_step(epoch, step)``
+    is called after every training step (fault-injection tests use it); ``on_epoch(row)`` after
     each epoch's row is logged and checkpointed, and may raise to end the run there (a study's
-    pruner does: ``cnnkit.study``). In a distributed run
-        (see ``cnnkit.engine.distributed``) every process calls this; only rank 0 writes.
+    pruner does: ``cnnkit.study``). In a distributed run (see ``cnnkit.engine.distributed``)
+    every process calls this; only rank 0 writes.
     """
     tc = cfg.train
     _check_monitor(cfg, has_val=splits.val is not None)
