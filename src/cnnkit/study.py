@@ -75,7 +75,8 @@ def tune(
         "url": storage or f"sqlite:///{(folder / 'study.db').resolve()}",
     }  # fmt: skip
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    the_study = _open(optuna, base, work)  # made once here, before any helper opens it
+    # made here once, before any helper opens it
+    the_study = _open(optuna, base, work, seeded=storage is None)
     _fail_dead_trials(optuna, the_study)
     params = space.build(_default_space(base), space_file)
     print(f"study {name}: {work['url']}  ({len(params)} parameters, {work['metric']})")
@@ -87,11 +88,13 @@ def tune(
     return the_study
 
 
-def _open(optuna, base: Config, work: dict):
+def _open(optuna, base: Config, work: dict, seeded: bool):
+    """The study, made if new. Only a lone process seeds its sampler (from train.seed): processes
+    sharing a study with one seed would sample the same first trials."""
     return optuna.create_study(
         study_name=work["name"],
         storage=_storage(optuna, work["url"]),
-        sampler=optuna.samplers.TPESampler(seed=base.train.seed),
+        sampler=optuna.samplers.TPESampler(seed=base.train.seed if seeded else None),
         pruner=_pruner(optuna, work["pruner"], base.train.epochs),
         direction="minimize" if work["metric"] in MINIMIZED else "maximize",
         load_if_exists=True,
@@ -149,6 +152,9 @@ def _objective(optuna, folder: Path, base: Config, work: dict, params: list):
         history: list[dict] = []
 
         def report(row: dict) -> None:  # after each epoch: record, then let the pruner judge
+            if metric not in row:
+                shown = ", ".join(row)
+                raise CnnkitError(f"--metric {metric} is not measured; choose from {shown}")
             history.append(row)
             trial.report(row[metric], row["epoch"])
             trial.set_user_attr("epochs", row["epoch"])
@@ -314,4 +320,4 @@ def _helper(work: dict) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     base = resolve(work["data_source"], work["config"], work["overrides"], **work["options"])
     params = space.build(_default_space(base), work["space_file"])
-    _work(optuna, base, work, _open(optuna, base, work), params)
+    _work(optuna, base, work, _open(optuna, base, work, seeded=False), params)
