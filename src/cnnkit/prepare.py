@@ -31,12 +31,9 @@ def resolve_auto_model(cfg: Config, device: str) -> auto.Choice | None:
     """``model.name: auto``: pick the model (and, for photos, the training side) from the data
     and ``device`` (its type: cpu, cuda, mps), write the choice into ``cfg`` (so config.yaml
     records it and a resume rebuilds the same net) and print it once."""
-    if cfg.model.name != auto.AUTO:
+    choice = auto_choice(cfg, device)
+    if choice is None:
         return None
-    side, count = data.peek(cfg.data)
-    arch = _weights_architecture(cfg.model.weights) if cfg.model.weights else None
-    hub = auto.find_hub_weights() if side > auto.SMALL_MAX_SIDE else None
-    choice = auto.choose(side, count, device, hub, arch, download=cfg.model.pretrained)
     cfg.model.name, cfg.model.auto_choice = choice.name, choice.line()
     cfg.model.pretrained = choice.pretrained
     if cfg.data.input_size is None:
@@ -52,6 +49,17 @@ def resolve_auto_model(cfg: Config, device: str) -> auto.Choice | None:
     if distributed.current().main:
         print(choice.line(), flush=True)
     return choice
+
+
+def auto_choice(cfg: Config, device: str) -> auto.Choice | None:
+    """What ``model.name: auto`` picks for this config's data on ``device``; None when the
+    config names a model. Reads file headers only and no network."""
+    if cfg.model.name != auto.AUTO:
+        return None
+    side, count = data.peek(cfg.data)
+    arch = _weights_architecture(cfg.model.weights) if cfg.model.weights else None
+    hub = auto.find_hub_weights() if side > auto.SMALL_MAX_SIDE else None
+    return auto.choose(side, count, device, hub, arch, download=cfg.model.pretrained)
 
 
 def _weights_architecture(path: str) -> str | None:

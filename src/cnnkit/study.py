@@ -25,9 +25,10 @@ import time
 import warnings
 from pathlib import Path
 
+import torch
 import yaml
 
-from cnnkit import run, space
+from cnnkit import prepare, run, space
 from cnnkit.config import Config, resolve
 from cnnkit.deploy.formats import require
 from cnnkit.engine.callbacks import MINIMIZED
@@ -207,7 +208,7 @@ def _placement(folder: Path, name: str) -> list[str]:
 def _default_space(cfg: Config) -> dict:
     """The recipe's default space; width/depth entries when the model's builder takes them."""
     try:
-        takes = tuple(builder_options(_registry._lookup(cfg.model.name).builder) or ())
+        takes = tuple(builder_options(_registry._lookup(_model_name(cfg)).builder) or ())
     except CnnkitError:  # adapters and your own modules: no width/depth entries
         takes = ()
     return space.default_space(cfg.train.recipe, cfg.optim.name, takes)
@@ -215,7 +216,15 @@ def _default_space(cfg: Config) -> dict:
 
 def _study_name(cfg: Config) -> str:
     data_name = Path(str(cfg.data.source or "digits")).name or "data"
-    return f"tune-{cfg.model.name}-{data_name}".replace(":", "-").replace("/", "-")
+    return f"tune-{_model_name(cfg)}-{data_name}".replace(":", "-").replace("/", "-")
+
+
+def _model_name(cfg: Config) -> str:
+    """The configured model, or what ``model: auto`` picks for the data (each trial's run
+    resolves it again, the same way)."""
+    device = "cuda" if torch.cuda.is_available() and cfg.runtime.device != "cpu" else "cpu"
+    choice = prepare.auto_choice(cfg, device)
+    return cfg.model.name if choice is None else choice.name
 
 
 def _storage(optuna, url: str):
