@@ -163,7 +163,10 @@ def test_list_models_patterns_and_test_variants():
     assert "simple_cnn" in list_models()
     assert not any(n.startswith("test_") for n in list_models())
     assert "test_resnet" in list_models(include_test=True)
-    assert list_models("resnet*") == ["resnet18", "resnet18_cifar", "resnet20", "resnet32"] + [
+    assert list_models("resnet*") == ["resnet10_slim", "resnet18", "resnet18_cifar"] + [
+        "resnet18_slim",
+        "resnet20",
+        "resnet32",
         "resnet34",
         "resnet50",
         "resnet56",
