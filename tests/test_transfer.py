@@ -14,6 +14,7 @@ from cnnkit.data import build
 from cnnkit.engine.checkpoint import load_checkpoint
 from cnnkit.modelfile import load_model_file
 from cnnkit.prepare import build_model as _build_model
+from cnnkit.prepare import resolve_auto_model
 from conftest import make_folder
 
 FOLDER_OPTIONS = dict(progress="plain", num_workers=0, input_size=32)
@@ -36,6 +37,8 @@ def test_weights_from_model_file_replace_the_head_and_freeze_the_body(tmp_path, 
     weights = str(source.run_dir / "model.safetensors")
 
     cfg = resolve_config(str(target), weights=weights, input_size=32)
+    resolve_auto_model(cfg, "cpu")  # model: auto takes the architecture the file names
+    assert cfg.model.name == "simple_cnn"
     model = _build_model(cfg, build(cfg.data, seed=0))
     state = model.state_dict()
     assert state["head.fc.weight"].shape[0] == 2
