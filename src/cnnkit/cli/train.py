@@ -29,8 +29,9 @@ def train(
     model: Annotated[
         str | None,
         typer.Option(
-            help="Model name (see `cnnkit models`), tv:<torchvision name>, timm:<name>, or "
-            "your own as pkg.module:Net (a class or @cnnkit.register_model builder)."
+            help="Model name (see `cnnkit models`), tv:<torchvision name>, timm:<name>, "
+            "your own as pkg.module:Net (a class or @cnnkit.register_model builder), or auto "
+            "(the default: chosen from the data and device, said in one line)."
         ),
     ] = None,
     epochs: Annotated[int | None, typer.Option(help="Number of epochs.")] = None,
