@@ -22,7 +22,6 @@ from cnnkit.errors import CnnkitError
 from cnnkit.evaluation.report import check_run, write_report
 from cnnkit.evaluation.tta import with_tta
 from cnnkit.modelfile import run_folder_of
-from cnnkit.tasks.classification import summarize
 
 
 def evaluate(
@@ -124,7 +123,7 @@ def score(
         with_tta(model, tta), loader, rt, task.metrics(len(classes), rt.device, train=False),
         task.loss(0.0, None),
     )  # fmt: skip
-    metrics = summarize(raw, classes)
+    metrics = task.summarize(raw, classes)
     metrics["precision"] = rt.precision
     if tta != "none":
         metrics["tta"] = tta
