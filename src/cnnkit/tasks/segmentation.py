@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnkit.data.masks import IGNORE  # mask value of pixels neither scored nor learnt
 from cnnkit.errors import CnnkitError
 from cnnkit.tasks.base import Balance, Metrics, Task
 
-IGNORE = 255  # mask value of pixels that are neither scored nor learnt (fits a uint8 mask)
 DICE_SMOOTH = 1.0  # added to both sides of the Dice ratio: an absent class scores 1, not 0/0
 
 
