@@ -60,10 +60,12 @@ def soft_dice(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 
 
 class SegmentationMetrics(Metrics):
-    """Sums: [loss x images, images, then the K x K confusion matrix of valid pixels]."""
+    """Sums: [loss x images, images, then the K x K confusion matrix of valid pixels]. The
+    summary holds numbers only (a training progress line prints them all) unless ``full``: then
+    also per-class IoU, Dice and pixel counts, and the confusion matrix."""
 
-    def __init__(self, num_classes: int, device: torch.device) -> None:
-        self.k = num_classes
+    def __init__(self, num_classes: int, device: torch.device, full: bool) -> None:
+        self.k, self.full = num_classes, full
         dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
         self._sums = torch.zeros(2 + num_classes * num_classes, device=device, dtype=dtype)
 
@@ -84,12 +86,11 @@ class SegmentationMetrics(Metrics):
         values = sums.cpu().double()
         images = values[1].item()
         confusion = values[2:].view(self.k, self.k)
-        return {
-            "loss": values[0].item() / max(images, 1.0),
-            "images": int(images),
-            **scores(confusion),
-            "confusion": confusion.round().long(),
-        }
+        out = {"loss": values[0].item() / max(images, 1.0), "images": int(images)}
+        found = scores(confusion)
+        if not self.full:
+            return {**out, **{key: found[key] for key in ("miou", "dice", "pixel_acc")}}
+        return {**out, **found, "confusion": confusion.round().long()}
 
 
 def scores(confusion: torch.Tensor) -> dict:
@@ -132,7 +133,7 @@ class Segmentation(Task):
         return SegmentationLoss(self.ce_weight, self.dice_weight, label_smoothing, class_weights)
 
     def metrics(self, num_classes: int, device: torch.device, train: bool) -> Metrics:
-        return SegmentationMetrics(num_classes, device)
+        return SegmentationMetrics(num_classes, device, full=not train)
 
     def balance(self, mode: str, targets, num_classes: int) -> Balance:
         """``loss``: CE class weights n / (K x count) from the training masks' pixel counts;
