@@ -327,3 +327,23 @@ def test_unet_outputs_at_input_resolution(up, size):
 def test_segmentation_models_are_listed_apart():
     assert {"unet", "unet_small"} <= set(list_models(task="segmentation"))
     assert "unet" not in list_models(task="classification") and "unet" in list_models()
+
+
+# --------------------------------------------------------------------------------------------
+# Predict
+
+
+def test_predict_writes_palette_masks_and_class_fractions(tmp_path):
+    data = make_shapes(tmp_path / "shapes", 8, side=16)
+    result = cnnkit.train(
+        str(data), model="test_unet", epochs=1, batch_size=4, out_dir=str(tmp_path),
+        overrides=FAST,
+    )  # fmt: skip
+    big = tmp_path / "big.png"
+    Image.fromarray(np.full((20, 30), 90, np.uint8)).save(big)  # another size than trained
+    out = cnnkit.predict(result.run_dir, [str(big)], mask_dir=tmp_path / "masks")
+    assert out[0]["size"] == [30, 20] and set(out[0]["fractions"]) == set(SHAPES)
+    assert sum(out[0]["fractions"].values()) == pytest.approx(1.0)
+    with Image.open(out[0]["mask"]) as mask:
+        assert mask.mode == "P" and mask.size == (30, 20)
+        assert set(np.unique(np.asarray(mask)).tolist()) <= {0, 1, 2, 3}

@@ -7,9 +7,10 @@ one is carved from train (``data.val_fraction``, seeded by the run seed, as for 
 
 Masks hold one value per pixel (``images.load_mask``): class indices (8-bit grayscale PNG),
 palette indices (VOC-style "P" PNGs), or 0/255 (binary: 255 becomes class 1, there is then no
-ignored value). ``data.ignore_index`` (default 255) marks pixels that are not scored. Class names
-come from ``classes.txt`` (one per line) or ``classes.json`` (a list) in the root, else
-``class_0``... up to the largest value found (``background``/``foreground`` for binary masks).
+ignored value; a class file may name the two classes). ``data.ignore_index`` (default 255)
+marks pixels that are not scored. Class names come from ``classes.txt`` (one per line) or
+``classes.json`` (a list) in the root, else ``class_0``... up to the largest value found
+(``background``/``foreground`` for binary masks).
 
 Every pair is checked while it is decoded: a missing mask, an image and mask of different sizes,
 or mask values outside the classes raise ``CnnkitError`` naming the file.
@@ -130,8 +131,9 @@ def build(cfg: DataConfig, seed: int, note: Callable[[str], None] | None = None)
     names = read_class_names(root)
     decoded = {name: _decode_pairs(pairs, in_chans, size) for name, pairs in listed.items()}
     ignore = cfg.ignore_index
-    binary = names is None and _binary([m for _, m, _ in decoded.values()])
-    classes = BINARY_CLASSES if binary else names or _inferred(decoded, ignore)
+    two = names is None or len(names) == 2  # a class file may name the binary classes
+    binary = two and _binary([m for _, m, _ in decoded.values()])
+    classes = (names or BINARY_CLASSES) if binary else names or _inferred(decoded, ignore)
     masks = {name: _checked_masks(d, classes, ignore, binary) for name, d in decoded.items()}
     note(f"decoded {sum(len(p) for p in listed.values())} image/mask pairs at {size[0]}x{size[1]}")
     data = {
