@@ -25,6 +25,8 @@ LAYERS = {  # top-level module or subpackage of cnnkit -> layer (ARCHITECTURE.md
     "run": 5,
     "prepare": 5,
     "tune": 5,
+    "study": 5,
+    "space": 1,
     "cli": 6,
     "__main__": 6,
 }

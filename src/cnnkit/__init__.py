@@ -12,6 +12,7 @@ Public API::
     cnnkit.report(run_dir, data=None)             -> path of the rebuilt report.html
     cnnkit.explain(model_file, images, out_dir)   -> Grad-CAM overlay PNGs
     cnnkit.lr_find(data, model=...)               -> loss-vs-lr sweep and a suggested lr
+    cnnkit.tune(data, trials=..., model=...)      -> optuna.Study (runs/<study>/, best.yaml)
 
 The names are imported on first use so that ``cnnkit --help`` does not pay for importing torch.
 """
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "train": "cnnkit.run",
     "lr_find": "cnnkit.run",
+    "tune": "cnnkit.study",
     "load_model": "cnnkit.deploy.formats",
     "evaluate": "cnnkit.evaluation.scoring",
     "report": "cnnkit.evaluation.scoring",

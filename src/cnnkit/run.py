@@ -71,6 +71,7 @@ def train(
     stop_after: int | None = None,
     resume_changed: bool = False,
     allow_world_change: bool = False,
+    on_epoch=None,
     **options,
 ) -> TrainResult:
     """Train a classifier and return where the run went and how it scored.
@@ -82,7 +83,8 @@ def train(
     strings applied last. ``resume``: a run folder to continue exactly where its checkpoint stopped
     (``overrides`` may change its config where exactness allows, any key with
     ``resume_changed=True``; ``allow_world_change``: even with another number of processes than
-    it was started with).
+    it was started with). ``on_epoch(row)``: called with each epoch's metrics row; it may raise to
+    end the run there (``cnnkit.study`` prunes trials so).
 
     Started by torchrun, every process calls this and they train as one data-parallel run.
     """
@@ -114,7 +116,7 @@ def train(
     run_dir = _shared_run_dir(cfg, splits.name, dd)
     return _fit_in(
         run_dir, model, splits, cfg, rt, resume_state=None, stop_after=stop_after, created=True,
-        template=module,
+        template=module, on_epoch=on_epoch,
     )  # fmt: skip
 
 
@@ -235,6 +237,7 @@ def _fit_in(
     created: bool,
     allow_world_change: bool = False,
     template: nn.Module | None = None,
+    on_epoch=None,
 ) -> TrainResult:
     """``template``: the user's module the run trained, which the saved weights are loaded
     into (a copy of it) to score and report, since its import path may not rebuild it."""
@@ -256,6 +259,7 @@ def _fit_in(
             stop_after=stop_after,
             allow_world_change=allow_world_change,
             after_step=distributed.fault_hook(),
+            on_epoch=on_epoch,
         )
     except (CnnkitError, KeyboardInterrupt) as e:
         if created and main and not (run_dir / CHECKPOINT).exists():

@@ -21,9 +21,11 @@ from cnnkit.cli import lr_find as lr_find_cmd
 from cnnkit.cli import models as models_cmd
 from cnnkit.cli import predict as predict_cmd
 from cnnkit.cli import report as report_cmd
+from cnnkit.cli import runs as runs_cmd
 from cnnkit.cli import serve as serve_cmd
 from cnnkit.cli import shard as shard_cmd
 from cnnkit.cli import train as train_cmd
+from cnnkit.cli import tune as tune_cmd
 
 app = typer.Typer(
     name="cnnkit",
@@ -45,6 +47,9 @@ app.command("lr-find")(lr_find_cmd.lr_find)
 app.command("export")(export_cmd.export)
 app.command("bench")(bench_cmd.bench)
 app.command("serve")(serve_cmd.serve)
+app.command("tune")(tune_cmd.tune)
+app.command("runs")(runs_cmd.runs)
+app.command("compare")(runs_cmd.compare_)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,6 +38,7 @@ EXTRAS = {  # module -> the pip extra that installs it
     "fastapi": "serve",
     "uvicorn": "serve",
     "python_multipart": "serve",
+    "optuna": "tune",
 }
 
 

@@ -180,6 +180,19 @@ class MetricsLog:
                     self.writer.add_scalar(key, value, row["epoch"])
             self.writer.flush()
 
+    def hparams(self, hparams: dict, metrics: dict) -> None:
+        """The run's config with its final metrics, so TensorBoard's HParams tab compares runs
+        (NaN and None metrics, such as a missing validation split's, are left out)."""
+        if self.writer is None:
+            return
+        shown = {
+            f"hparam/{k}": float(v)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and v == v and k != "epoch"
+        }
+        self.writer.add_hparams(hparams, shown, run_name=".")
+        self.writer.flush()
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

@@ -76,6 +76,7 @@ def fit(
     stop_after: int | None = None,
     allow_world_change: bool = False,
     after_step: Callable[[int, int], None] | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
 ) -> FitResult:
     """Train ``model`` on ``splits`` as ``cfg`` says, writing everything into ``run_dir``.
 
@@ -84,8 +85,10 @@ def fit(
     ``task`` supplies the loss, the metrics, class balancing and batch mixing (``cnnkit.tasks``).
     ``resume`` is a checkpoint dict to continue from; ``stop_after`` ends this call after that
     many epochs (the run can be resumed later), for time-boxed jobs. ``after_step(epoch, step)``
-    is called after every training step (fault-injection tests use it). In a distributed run
-    (see ``cnnkit.engine.distributed``) every process calls this; only rank 0 writes.
+    is called after every training step (fault-injection tests use it); ``on_epoch(row)`` after
+    each epoch's row is logged and checkpointed, and may raise to end the run there (a study's
+    pruner does: ``cnnkit.study``). In a distributed run (see ``cnnkit.engine.distributed``)
+    every process calls this; only rank 0 writes.
     """
     tc = cfg.train
     _check_monitor(cfg, has_val=splits.val is not None)
@@ -193,6 +196,8 @@ def fit(
             log.append(row)
             progress.end_epoch(row)
             save(epoch + 1)
+            if on_epoch is not None:
+                on_epoch(row)
             if stop():
                 raise Interrupted(stop.signum, _stopped(run_dir, epoch + 1, 0))
             if tracker.should_stop:
@@ -204,6 +209,8 @@ def fit(
                 break
             if stop_after is not None and epoch + 1 - start >= stop_after:
                 break
+        if dd.main:
+            log.hparams(_hparams(cfg), {tc.monitor: tracker.best, **log.rows[-1]})
     finally:
         stop.restore()
         progress.close()
@@ -218,6 +225,16 @@ def fit(
         model=model,
         timings=timings,
     )
+
+
+def _hparams(cfg: Config) -> dict:
+    """The config as flat ``section.key`` scalars, for TensorBoard's HParams tab."""
+    flat = {}
+    for section, values in cfg.to_dict().items():
+        for key, value in values.items():
+            scalar = value is None or isinstance(value, (bool, int, float, str))
+            flat[f"{section}.{key}"] = value if scalar and value is not None else str(value)
+    return flat
 
 
 def _loader(splits, dataset, cfg: Config, rt: runtime.Runtime, note, dd, weights=None):
