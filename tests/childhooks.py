@@ -16,6 +16,10 @@ knows about these hooks.
   gate-decode DIR
       the server's decode of an uploaded image whose name starts with "gate" first creates
       DIR/entered, then waits until DIR/release exists (a decode as slow as the test wants)
+  share-trials DIR NAME
+      for two ``cnnkit tune`` processes on one study: each training run (trial) first creates
+      DIR/NAME; after its first trial, a process waits until the other name (a or b) exists,
+      so both take part whatever their start-up times
 """
 
 from __future__ import annotations
@@ -72,10 +76,29 @@ def gate_decode(folder: str) -> None:
     server.decode_checked = gated
 
 
+def share_trials(folder: str, name: str) -> None:
+    from cnnkit import run
+
+    train, gate, done = run.train, Path(folder), {"trials": 0}
+    other = gate / ("b" if name == "a" else "a")
+
+    def shared(*args, **kwargs):
+        (gate / name).touch()
+        if done["trials"] == 1:  # let the other process start a trial before taking more
+            end = time.monotonic() + 120
+            while not other.exists() and time.monotonic() < end:
+                time.sleep(0.05)
+        done["trials"] += 1
+        return train(*args, **kwargs)
+
+    run.train = shared
+
+
 HOOKS = {
     "signal-after-step": signal_after_step,
     "kill-in-save": kill_in_save,
     "gate-decode": gate_decode,
+    "share-trials": share_trials,
 }
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ def test_model_is_left_as_it_was(patch_model):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-@pytest.mark.parametrize("name", list_models(include_test=True))
+@pytest.mark.parametrize("name", list_models(include_test=True, task="classification"))
 def test_every_zoo_model(name):
     model = create_model(name, num_classes=3).eval()
     cams = compute_cams(model, torch.randn(2, 3, 32, 32), method="gradcam++")

@@ -23,7 +23,7 @@ from cnnkit.models import (
     summary_rows,
 )
 
-ALL_MODELS = list_models(include_test=True)
+ALL_MODELS = list_models(include_test=True, task="classification")  # unet: test_segmentation
 CFG_KEYS = {"input_size", "mean", "std", "feature_layer", "classifier", "architecture"}
 # Models meant for tiny images: they must run on 8x8 (sklearn digits) as well as 32x32.
 SMALL_INPUT_MODELS = ["simple_cnn", "lenet5", "resnet20", "resnet18_cifar", "test_resnet"]

@@ -123,4 +123,4 @@ def test_a_second_task_trains_through_fit_unchanged(tmp_path, capsys):
 
 def test_classification_is_the_registered_task():
     assert tasks.get("classification").target == "class index"
-    assert set(tasks.TASKS) == {"classification"}
+    assert set(tasks.TASKS) == {"classification", "segmentation"}

@@ -95,10 +95,11 @@ def test_two_processes_share_one_sqlite_study(tmp_path):
     args = ["tune", "--trials", "4", "--epochs", "1", "--model", "test_simple_cnn"]
     args += ["--study", "shared", "--storage", url, *QUICK]
     _cli(*args[: -len(QUICK)], "--trials", "0", *QUICK, cwd=tmp_path)  # creates the study
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "cnnkit", *args], cwd=tmp_path, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        for _ in range(2)
+    hooks = str(Path(__file__).with_name("childhooks.py"))
+    procs = [  # each waits after its first trial until the other has started one
+        subprocess.Popen([sys.executable, hooks, "share-trials", str(tmp_path), name, "--", *args],
+                         cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for name in ("a", "b")
     ]  # fmt: skip
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs

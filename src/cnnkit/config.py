@@ -54,6 +54,11 @@ class DataConfig:
     cutmix: float = 0.0  # Beta(alpha, alpha) for CutMix; 0 turns it off
     check_files: bool = True  # decode every image file before training (cached by cnnkit doctor)
     skip_bad: bool = False  # leave out files that cannot be decoded instead of stopping
+    # segmentation: the image and mask folders paired by file stem; None: the first pair of
+    # images/+masks/, image/+label/, images/+labels/, image/+mask/ found
+    image_dir: str | None = None
+    mask_dir: str | None = None
+    ignore_index: int = 255  # mask value of pixels not scored (binary 0/255 masks: none)
 
 
 @dataclass
@@ -90,7 +95,8 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    task: Literal["classification"] = "classification"  # what is learned (cnnkit.tasks)
+    # what is learned (cnnkit.tasks); a source of image and mask folders trains segmentation
+    task: Literal["classification", "segmentation"] = "classification"
     recipe: Literal["default", "speedrun"] = "default"  # a preset under your own settings
     epochs: int = 20
     seed: int = 0
@@ -104,7 +110,11 @@ class TrainConfig:
     lookahead_every: int = 5
     tta: Literal["none", "flip", "flip_translate"] = "none"  # final test score: mean of views
     # the metric that picks the best weights and drives early stopping
-    monitor: Literal["val_acc", "val_loss", "train_acc", "train_loss"] = "val_acc"
+    # (segmentation: val_acc means val_miou, train_acc train_miou)
+    monitor: Literal[
+        "val_acc", "val_loss", "train_acc", "train_loss",
+        "val_miou", "val_dice", "val_pixel_acc", "train_miou", "train_pixel_acc",
+    ] = "val_acc"  # fmt: skip
     patience: int | None = None  # early stopping: epochs without improvement of monitor
     out_dir: str = "runs"
     name: str | None = None  # run folder name; None: <model>-<data>-<n>
@@ -115,6 +125,8 @@ class TrainConfig:
     nan_policy: Literal["stop", "skip"] = "stop"  # what a non-finite loss does
     nan_limit: int = 10  # skip: stop anyway after this many skipped steps in a run
     report: bool = True  # write report.html and its PNG figures at the end of training
+    ce_weight: float = 1.0  # segmentation loss: ce_weight x cross-entropy + dice_weight x Dice
+    dice_weight: float = 1.0
 
 
 @dataclass
@@ -303,6 +315,7 @@ SHORTCUTS = {  # option name -> config key, for train(...) keywords and CLI flag
     "nan_policy": "train.nan_policy",
     "report": "train.report",
     "recipe": "train.recipe",
+    "task": "train.task",
 }
 
 
@@ -372,7 +385,15 @@ def _check_values(cfg: Config) -> None:
             raise CnnkitError(f"data.{key} is a probability in [0, 1], got {value}")
     if not cfg.optim.body_lr_mult > 0:
         raise CnnkitError(f"optim.body_lr_mult must be > 0, got {cfg.optim.body_lr_mult}")
+    if not 0 <= d.ignore_index <= 255:
+        raise CnnkitError(f"data.ignore_index is a mask value in 0..255, got {d.ignore_index}")
     for key in ("pad_crop", "cutout", "mixup", "cutmix", "cache_memory"):
         value = getattr(d, key)
         if value is not None and value < 0:
             raise CnnkitError(f"data.{key} must be >= 0 (0 turns it off), got {value}")
+    t = cfg.train
+    if t.ce_weight < 0 or t.dice_weight < 0 or t.ce_weight + t.dice_weight == 0:
+        raise CnnkitError(
+            f"train.ce_weight and train.dice_weight must be >= 0, not both 0; got "
+            f"{t.ce_weight} and {t.dice_weight}"
+        )

@@ -9,8 +9,9 @@ from __future__ import annotations
 from torch import nn
 
 from cnnkit import __version__, data, models, recipes
-from cnnkit.config import Config
+from cnnkit.config import Config, ModelConfig
 from cnnkit.data import images as image_files
+from cnnkit.data import masks
 from cnnkit.engine import distributed
 from cnnkit.errors import CnnkitError
 from cnnkit.modelfile import load_model_file, read_weights
@@ -136,10 +137,48 @@ def build_data(cfg: Config):
     dd = distributed.current()
     if dd.enabled and dd.local_rank != 0:
         distributed.barrier()  # wait for this machine's first process to fill the cache
-    splits = data.build(cfg.data, seed=cfg.train.seed, note=_data_note())
+    build = masks.build if cfg.train.task == "segmentation" else data.build
+    splits = build(cfg.data, seed=cfg.train.seed, note=_data_note())
     if dd.enabled and dd.local_rank == 0:
         distributed.barrier()
     return splits
+
+
+DEFAULT_MODEL = ModelConfig().name
+DEFAULT_SEGMENTATION_MODEL = "unet_small"
+# segmentation: the classification names of these keys, and what they mean there
+SEGMENTATION_MONITORS = {"val_acc": "val_miou", "train_acc": "train_miou"}
+
+
+def resolve_task(cfg: Config) -> None:
+    """Make ``cfg`` say the task its data is for: a folder of image and mask folders trains
+    segmentation (``train.task`` set, monitor val_acc read as val_miou); refuse what the task
+    cannot do. The config saved with the run holds the result."""
+    if cfg.train.task == "classification" and masks.is_mask_source(cfg.data):
+        cfg.train.task = "segmentation"
+        if distributed.current().main:
+            print(f"note: {cfg.data.source} holds image and mask folders: task segmentation")
+    if cfg.train.task != "segmentation":
+        return
+    cfg.train.monitor = SEGMENTATION_MONITORS.get(cfg.train.monitor, cfg.train.monitor)
+    if cfg.model.name == DEFAULT_MODEL:  # the default classifier cannot segment: its U-Net
+        cfg.model.name = DEFAULT_SEGMENTATION_MODEL
+    unsupported = [
+        key
+        for key, value in (
+            ("train.tta", cfg.train.tta != "none"),
+            ("data.batch_size=auto", cfg.data.batch_size == "auto"),
+            ("optim.lr=auto", cfg.optim.lr == "auto"),
+        )
+        if value
+    ]
+    if unsupported:
+        raise CnnkitError(f"segmentation does not support {', '.join(unsupported)} yet")
+    if models.model_task(cfg.model.name) != "segmentation":
+        raise CnnkitError(
+            f"model '{cfg.model.name}' is a classifier; segmentation needs a model with "
+            f"per-pixel outputs: {', '.join(models.list_models(task='segmentation'))}"
+        )
 
 
 def _data_note():

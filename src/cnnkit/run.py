@@ -96,6 +96,7 @@ def train(
         )
     options, module = prepare.model_option(options)
     cfg = resolve(data_source, config, overrides, **options)
+    prepare.resolve_task(cfg)
     dd = distributed.init(cfg.runtime.device)
     restarted = _torchrun_restart(cfg)
     if restarted is not None:
@@ -254,7 +255,7 @@ def _fit_in(
             run_dir,
             prepare.model_meta(cfg, splits, rt.precision),
             rt,
-            tasks.get(cfg.train.task),
+            tasks.get(cfg.train.task).configured(cfg.train),
             resume=resume_state,
             stop_after=stop_after,
             allow_world_change=allow_world_change,
@@ -272,7 +273,7 @@ def _fit_in(
     start = time.perf_counter()
     test, split_name = _final_eval(run_dir, splits, cfg, rt, template) if main else (None, None)
     result.timings["final_eval"] = time.perf_counter() - start
-    if cfg.train.report and main:
+    if cfg.train.report and main and tasks.get(cfg.train.task).reports:
         _report_after_training(run_dir, splits, split_name, cfg, rt, template)
     distributed.barrier()
     return TrainResult(run_dir=run_dir, fit=result, test=test, test_split=split_name)

@@ -25,24 +25,26 @@ def predict(
     ] = False,
     precision: Annotated[str | None, MODEL_PRECISION] = None,
     tta: Annotated[str, TTA] = "none",
+    out: Annotated[
+        Path,
+        typer.Option(help="Segmentation models: folder for the palette mask PNGs."),
+    ] = Path("masks"),
     debug: Annotated[bool, DEBUG] = False,
 ) -> None:
-    """Classify images with a trained model, using the preprocessing stored in its file."""
+    """Classify images with a trained model, using the preprocessing stored in its file; a
+    segmentation model writes a palette mask PNG per image and gives its class fractions."""
     # imported when the verb runs: torch stays off `cnnkit --help` (cli/__init__)
     from cnnkit.deploy.predictor import predict as api_predict
 
     if top_k < 1:
         raise typer.BadParameter(f"must be at least 1, got {top_k}", param_hint="--top-k")
     results = api_predict(
-        model,
-        inputs,
-        top_k=top_k,
-        batch_size=batch_size,
-        device=device,
-        precision=precision,
-        tta=tta,
-    )
-    if as_json:
+        model, inputs, top_k=top_k, batch_size=batch_size, device=device, precision=precision,
+        mask_dir=out, tta=tta,
+    )  # fmt: skip
+    if results and "fractions" in results[0]:  # segmentation
+        _print_masks(results, as_json)
+    elif as_json:
         print(json.dumps(results, indent=2))
     elif as_csv:
         writer = csv.writer(sys.stdout)
@@ -62,3 +64,12 @@ def _print_table(results: list[dict]) -> None:
     for r in results:
         table.add_row(r["input"], "  ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"]))
     Console().print(table)
+
+
+def _print_masks(results: list[dict], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(results, indent=2))
+        return
+    for r in results:
+        shares = "  ".join(f"{c} {f:.3f}" for c, f in r["fractions"].items())
+        print(f"{r['input']} -> {r['mask']}  {shares}")

@@ -50,6 +50,13 @@ def train(
             help="Preset under your own settings: default, or speedrun (32x32 CIFAR-like data)."
         ),
     ] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            help="classification or segmentation (default: segmentation for a folder of "
+            "images/ + masks/, else classification)."
+        ),
+    ] = None,
     name: Annotated[str | None, typer.Option(help="Run folder name under runs/.")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML config file.")] = None,
     val: Annotated[
@@ -134,6 +141,7 @@ def train(
         lr=_parse_lr(lr),
         seed=seed,
         recipe=recipe,
+        task=task,
         name=name,
         pretrained=pretrained or None,
         weights=str(weights) if weights else None,
@@ -202,11 +210,19 @@ def _summary(result) -> None:
     fit = result.fit
     if fit.best is not None and fit.history:
         row = fit.history[fit.best_epoch - 1]
+        shown = "val_miou" if "val_miou" in row else "val_acc"  # segmentation | classification
         print(
-            f"best epoch {fit.best_epoch}/{len(fit.history)}: val_acc {row['val_acc']:.4f}  "
+            f"best epoch {fit.best_epoch}/{len(fit.history)}: {shown} {row[shown]:.4f}  "
             f"val_loss {row['val_loss']:.4f}"
         )
-    if result.test is not None:
+    if result.test is not None and "miou" in result.test:
+        t = result.test
+        ious = "  ".join(f"{r['class']} {r['iou']:.4f}" for r in t["per_class"])
+        print(
+            f"{result.test_split} (best weights): mIoU {t['miou']:.4f}  dice {t['dice']:.4f}  "
+            f"pixel acc {t['pixel_acc']:.4f}  loss {t['loss']:.4f}\n  IoU per class: {ious}"
+        )
+    elif result.test is not None:
         t = result.test
         print(
             f"{result.test_split} (best weights): acc {t['acc']:.4f}  top-5 {t['acc5']:.4f}  "

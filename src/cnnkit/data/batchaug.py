@@ -15,6 +15,12 @@ on the device is augmented with a handful of tensor operations, whatever B is:
     cutout                a ``cutout`` x ``cutout`` square per image set to the mean (0 after
                           normalising), centre anywhere in the image (DeVries & Taylor, 2017)
 
+Segmentation masks (uint8 (B, H, W)) take the same geometry with the same drawn parameters in
+``apply_masks``: nearest resampling for the random resized crop, the ignore value where a shift
+uncovers pixels (mirrored with ``pad_mode=reflect``), the same flips; cutout leaves them alone.
+This batched executor is the only one that moves masks with their images: the per-sample path
+(``SampleAugment``) has no mask step yet, so segmentation always trains from memory.
+
 Auto-augment policies and random erasing have no batched step (``BATCHED_OPS``): a split whose
 spec uses them takes the per-sample executor, ``cnnkit.data.transforms.SampleAugment``.
 
@@ -116,6 +122,21 @@ class BatchAugment:
             x = _cutout(x, params["cutout"], self.aug.cutout)
         return x
 
+    def apply_masks(self, masks: torch.Tensor, params: dict, fill: int) -> torch.Tensor:
+        """The geometry of ``apply`` with the same ``params`` on masks uint8 (B, H, W): nearest
+        resampling, uncovered pixels set to ``fill`` (the ignore value) unless mirrored, cutout
+        left out (the pixels keep their class). Returns int64 (B, out_h, out_w)."""
+        x = masks[:, None]  # (B, 1, H, W)
+        if "box" in params:  # nearest keeps class values; float32 holds 0..255 exactly
+            x = _resized_crop(x, params["box"], self.out_size, mode="nearest")
+        else:
+            x = _center_crop(x, self.out_size).to(torch.float32)
+        if "shift" in params:
+            x = _shift(x, params["shift"], self.aug.pad_crop, self.aug.pad_mode, float(fill))
+        if "flip" in params:
+            x = torch.where(params["flip"].view(-1, 1, 1, 1), x.flip(3), x)
+        return x[:, 0].round().long()
+
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         """uint8/float (0..255) -> float32 (x / 255 - mean) / std in the run's memory layout;
         the same two float operations as the per-sample ToNormalizedTensor, so the same bits."""
@@ -152,13 +173,22 @@ def _rrc_boxes(b: int, h: int, w: int, scale, g: torch.Generator, device) -> tor
     return torch.where((first < 0)[:, None], fallback, boxes)
 
 
-def _resized_crop(images: torch.Tensor, box: torch.Tensor, out_size) -> torch.Tensor:
-    """Bilinear resample of each box to ``out_size`` (half-pixel centres, edges clamped): the
-    same sampling as cropping then ``F.interpolate(mode="bilinear", align_corners=False)``."""
-    b, _, h, w = images.shape
+def _resized_crop(
+    images: torch.Tensor, box: torch.Tensor, out_size, mode: str = "bilinear"
+) -> torch.Tensor:
+    """Resample each box to ``out_size`` (half-pixel centres, edges clamped): for bilinear the
+    same sampling as cropping then ``F.interpolate(mode="bilinear", align_corners=False)``;
+    ``mode="nearest"`` for masks. float32 (B, C, out_h, out_w)."""
+    grid = _crop_grid(images.shape, box, out_size, images.device)
+    x = images.to(torch.float32)
+    return F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)
+
+
+def _crop_grid(shape, box: torch.Tensor, out_size, dev) -> torch.Tensor:
+    """grid_sample's (B, out_h, out_w, 2) sampling grid of each box (top, left, height, width)."""
+    b, _, h, w = shape
     out_h, out_w = out_size
     top, left, bh, bw = box.unbind(1)
-    dev = images.device
     ys = (torch.arange(out_h, device=dev) + 0.5)[None] * (bh / out_h)[:, None] - 0.5  # (B, out_h)
     xs = (torch.arange(out_w, device=dev) + 0.5)[None] * (bw / out_w)[:, None] - 0.5
     ys = (ys.clamp(min=0) + top[:, None]).minimum((top + bh - 1)[:, None])
@@ -166,11 +196,9 @@ def _resized_crop(images: torch.Tensor, box: torch.Tensor, out_size) -> torch.Te
     # grid_sample's normalised coordinates with align_corners=False: pixel p -> (2p + 1) / n - 1
     gy = (2 * ys + 1) / h - 1
     gx = (2 * xs + 1) / w - 1
-    grid = torch.stack(
+    return torch.stack(
         [gx[:, None, :].expand(b, out_h, out_w), gy[:, :, None].expand(b, out_h, out_w)], dim=3
     )
-    x = images.to(torch.float32)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def _center_crop(images: torch.Tensor, out_size) -> torch.Tensor:
@@ -182,14 +210,19 @@ def _center_crop(images: torch.Tensor, out_size) -> torch.Tensor:
     return images[:, :, top : top + out_h, left : left + out_w]
 
 
-def _shift(x: torch.Tensor, shift: torch.Tensor, pad: int, mode: str) -> torch.Tensor:
+def _shift(
+    x: torch.Tensor, shift: torch.Tensor, pad: int, mode: str, fill: float = 0.0
+) -> torch.Tensor:
     """Crop (H, W) at offset ``shift`` (B, 2) = (dy, dx) in [0, 2 pad] from the padded batch.
 
     On the GPU one gather does it. On the CPU a gather with a 4-d index is slow, so images are
     grouped by offset: one slice copy per row offset, then one per column offset (2 (2 pad + 1)
     copies of subsets, whatever the batch size)."""
     b, c, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect" if mode == "reflect" else "constant")
+    if mode == "reflect":
+        padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    else:  # ``fill``: 0 for images, the ignore value for masks
+        padded = F.pad(x, (pad, pad, pad, pad), value=fill)
     dev = x.device
     if dev.type != "cpu":
         rows = shift[:, 0, None] + torch.arange(h, device=dev)  # (B, H)

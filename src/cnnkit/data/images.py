@@ -103,6 +103,34 @@ def decode(
         ) from None
 
 
+def load_mask(path: str | os.PathLike) -> np.ndarray:
+    """A segmentation mask as uint8 (H, W) of its stored values, never converted: class indices
+    of an 8-bit grayscale PNG, palette indices of a palette ("P") PNG, 0/1 of a 1-bit image, or a
+    colour image whose channels are all equal (saved as RGB by some tools).
+
+    Raises ``ImageFileError`` naming the file when it cannot be read or is a true colour image.
+    """
+    try:
+        with Image.open(path) as img:
+            _check_pixels(img, path)
+            img.load()
+            pixels = np.asarray(img)
+    except FileNotFoundError:
+        raise ImageFileError(f"mask file not found: {path}") from None
+    except DECODE_ERRORS as e:
+        raise ImageFileError(f"cannot read mask {path}: {decode_reason(e)}") from None
+    if pixels.ndim == 3:
+        if not (pixels[..., :3] == pixels[..., :1]).all():
+            raise ImageFileError(
+                f"mask {path} is a colour image; masks must hold one class index per pixel "
+                "(8-bit grayscale or palette PNG)"
+            )
+        pixels = pixels[..., 0]
+    if pixels.max(initial=0) > 255:
+        raise ImageFileError(f"mask {path} has values over 255; class indices must fit 8 bits")
+    return pixels.astype(np.uint8)
+
+
 def decode_opened(img: Image.Image, mode: str = "RGB") -> Image.Image:
     """Decode an opened image (only its header read so far) into ``mode``, upright per EXIF.
 

@@ -25,6 +25,7 @@ from cnnkit.data.batchaug import BatchAugment, batchable
 from cnnkit.data.datasets import FileImageDataset, TensorImageDataset
 from cnnkit.data.host import cache_root
 from cnnkit.data.loader import EpochSampler, auto_workers, make_loader
+from cnnkit.data.masks import IGNORE, MaskDataset
 from cnnkit.data.transforms import image_mode
 
 GPU_FRACTION = 0.3  # share of free GPU memory that decoded images may take on the device
@@ -53,7 +54,10 @@ class MemoryLoader:
         weights=None,
     ) -> None:
         self.images = images  # uint8 (N, C, H, W), on the CPU or already on the device
-        self.targets = torch.as_tensor(list(targets), dtype=torch.long)
+        if isinstance(targets, torch.Tensor):  # masks (N, H, W) uint8: kept small until a batch
+            self.targets = targets
+        else:
+            self.targets = torch.as_tensor(list(targets), dtype=torch.long)
         self.batch_size, self.augment, self.device = batch_size, augment, torch.device(device)
         self.sampler = EpochSampler(
             len(self.targets),
@@ -95,7 +99,21 @@ class MemoryLoader:
                     images = images.pin_memory()
                 images = images.to(self.device, non_blocking=True)
             labels = self.targets[index].to(self.device, non_blocking=True)
-            yield self.augment(images, index, epoch, first + step), labels
+            yield self._batch(images, labels, index, epoch, first + step)
+
+    def _batch(self, images, labels, index, epoch: int, step: int):
+        return self.augment(images, index, epoch, step), labels
+
+
+class MaskLoader(MemoryLoader):
+    """A ``MemoryLoader`` whose targets are masks uint8 (N, H, W): each batch's images and masks
+    go through the same drawn augmentation (``BatchAugment.apply_masks``); yields (float32
+    images, int64 masks (B, H, W) with IGNORE on ignored pixels)."""
+
+    def _batch(self, images, masks, index, epoch: int, step: int):
+        params = self.augment.draw(images.shape, index, epoch, step, images.device)
+        out = self.augment.apply(images, params)
+        return out, self.augment.apply_masks(masks, params, fill=IGNORE)
 
 
 def run_loader(
@@ -114,26 +132,29 @@ def run_loader(
     world_size: int = 1,
     weights=None,
 ):
-    """The fastest loader for ``dataset`` (a split from ``cnnkit.data.build``/``build_eval``).
+    """The fastest loader for ``dataset`` (a split from ``cnnkit.data.build``/``build_eval``,
+    or a segmentation split from ``cnnkit.data.masks.build``).
 
     ``aug``: the train augmentation (``Splits.augment``), or None for evaluation.
     ``weights``: per-sample weights for class-balanced sampling (with replacement).
     """
+    kw = dict(train=train, seed=seed, rank=rank, world_size=world_size, weights=weights)
+    if isinstance(dataset, MaskDataset):  # segmentation: always decoded in memory
+        return _mask_loader(dataset, preprocessing, aug, batch_size, device, memory_format, kw)
     images = _images(dataset, preprocessing, aug, cfg, note)
-    loader_kw = dict(train=train, seed=seed, rank=rank, world_size=world_size, weights=weights)
     if images is None:
         return make_loader(
             dataset,
             batch_size,
             num_workers=cfg.num_workers,
             pin_memory=device.type == "cuda",
-            **loader_kw,
+            **kw,
         )
     if aug is not None and not batchable(aug):
         # the per-sample executor works on uint8 tensors as on PIL images (resizes to the stored
         # size are no-ops)
         memory = TensorImageDataset(images, dataset.targets, dataset.transform)
-        return make_loader(memory, batch_size, num_workers=cfg.num_workers, **loader_kw)
+        return make_loader(memory, batch_size, num_workers=cfg.num_workers, **kw)
     images = _maybe_to_gpu(images, device)
     augment = BatchAugment(
         aug,
@@ -143,7 +164,22 @@ def run_loader(
         seed=seed,
         memory_format=memory_format,
     )
-    return MemoryLoader(images, dataset.targets, batch_size, augment, device=device, **loader_kw)
+    return MemoryLoader(images, dataset.targets, batch_size, augment, device=device, **kw)
+
+
+def _mask_loader(dataset, preprocessing, aug, batch_size, device, memory_format, kw) -> MaskLoader:
+    images, masks = _maybe_to_gpu(dataset.images, device), dataset.masks
+    if images.device != masks.device:
+        masks = masks.to(images.device)
+    augment = BatchAugment(
+        aug,
+        preprocessing["mean"],
+        preprocessing["std"],
+        tuple(preprocessing["input_size"]),
+        seed=kw["seed"],
+        memory_format=memory_format,
+    )
+    return MaskLoader(images, masks, batch_size, augment, device=device, **kw)
 
 
 def _images(dataset, preprocessing: dict, aug: Augment | None, cfg: DataConfig, note):

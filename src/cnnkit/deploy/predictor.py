@@ -7,12 +7,16 @@ the model saw at evaluation time during training.
 from __future__ import annotations
 
 import glob
+import io
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 from cnnkit import tasks
 from cnnkit.data import load_image
@@ -22,8 +26,35 @@ from cnnkit.deploy.formats import load_model
 from cnnkit.engine import runtime
 from cnnkit.errors import CnnkitError
 from cnnkit.evaluation.tta import with_tta
+from cnnkit.fileio import atomic_write_bytes
 
 GLOB_CHARS = set("*?[")
+NEAREST = v2.InterpolationMode.NEAREST
+
+
+def palette_png(mask: np.ndarray) -> bytes:
+    """PNG bytes of a class-index mask (H, W) uint8 as a palette image: the pixel values stay
+    the class indices, viewers show VOC's colours (class 0 black, 1 dark red, 2 green...)."""
+    image = Image.fromarray(mask.astype(np.uint8), mode="P")
+    image.putpalette(voc_palette())
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def voc_palette() -> list[int]:
+    """256 RGB colours, PASCAL VOC's: the bits of the class index spread over R, G and B."""
+    colours = []
+    for index in range(256):
+        r = g = b = 0
+        c = index
+        for shift in range(7, -1, -1):
+            r |= (c & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        colours += [r, g, b]
+    return colours
 
 
 def predict(
@@ -34,13 +65,17 @@ def predict(
     batch_size: int = 64,
     device: str = "auto",
     precision: str | None = None,
+    mask_dir: str | Path | None = None,
     tta: str = "none",
 ) -> list[dict]:
     """Top-k classes for image files, folders or glob patterns (or PIL images); ``precision``:
     default, the precision the run trained with; ``tta``: none, flip or flip_translate (the
-    probabilities of the mean logits over those views)."""
+    probabilities of the mean logits over those views). A segmentation model gives each image's
+    class pixel fractions instead, and writes palette mask PNGs into ``mask_dir`` when given."""
     model = run_or_model if isinstance(run_or_model, nn.Module) else load_model(run_or_model)
     predictor = Predictor(model, device=device, precision=precision, tta=tta)
+    if predictor.task.name == "segmentation":
+        return predictor.segment(inputs, batch_size=batch_size, mask_dir=mask_dir)
     return predictor.predict(inputs, top_k=top_k, batch_size=batch_size)
 
 
@@ -93,11 +128,15 @@ class Predictor:
                 "the classes and preprocessing)"
             )
         self.rt = runtime.for_model(meta, device, precision)  # default: the run's precision
+        self.task = tasks.get(meta.get("task", "classification"))  # files before 0.1.1: none
+        if tta != "none" and self.task.name != "classification":
+            raise CnnkitError(  # flipped views give flipped masks: averaging needs more
+                f"--tta is for classification models; this is a {self.task.name} model"
+            )
         model = model.to(self.rt.device, memory_format=self.rt.memory_format).eval()
         self.model = with_tta(model, tta)
         self.meta = meta
         self.classes = meta["classes"]
-        self.task = tasks.get(meta.get("task", "classification"))  # files before 0.1.1: none
         self.transform = eval_transform(meta["preprocessing"])
         self.mode = image_mode(meta["preprocessing"])
 
@@ -127,6 +166,40 @@ class Predictor:
     def top(self, probs: torch.Tensor, top_k: int) -> list[list[dict]]:
         """The ``top_k`` classes of each row of ``probs`` (B, num_classes), best first."""
         return self.task.predict(probs, self.classes, top_k)
+
+    def segment(
+        self, inputs, batch_size: int = 16, mask_dir: str | Path | None = None
+    ) -> list[dict]:
+        """One dict per image: ``{"input", "size": [w, h], "fractions": {class: share of the
+        pixels}}``, plus ``"mask"``, the palette PNG written into ``mask_dir`` (class indices
+        at the image's own size, nearest-resized from the model's input size)."""
+        items = expand_inputs(inputs)
+        results = []
+        for start in range(0, len(items), batch_size):
+            chunk = [self._image(item) for item in items[start : start + batch_size]]
+            batch = torch.stack([self.preprocess(image) for image in chunk])
+            maps = self.task.predict(self.probabilities(batch), self.classes, 1)  # (h, w) each
+            for offset, (image, small) in enumerate(zip(chunk, maps, strict=True)):
+                item = items[start + offset]
+                results.append(self._segmented(item, image.size, small, start + offset, mask_dir))
+        return results
+
+    def _segmented(self, item, size, small: torch.Tensor, index: int, mask_dir) -> dict:
+        width, height = size
+        full = TF.resize(small[None].to(torch.uint8), [height, width], NEAREST)[0]
+        counts = torch.bincount(full.flatten().long(), minlength=len(self.classes)).tolist()
+        name = item if isinstance(item, str) else "<image>"
+        out = {
+            "input": name,
+            "size": [width, height],
+            "fractions": {c: n / full.numel() for c, n in zip(self.classes, counts, strict=True)},
+        }
+        if mask_dir is not None:
+            stem = Path(item).stem if isinstance(item, str) else f"image-{index}"
+            path = Path(mask_dir) / f"{stem}.png"
+            atomic_write_bytes(path, palette_png(full.numpy()))
+            out["mask"] = str(path)
+        return out
 
     def _image(self, item: str | Image.Image) -> Image.Image:
         if isinstance(item, Image.Image):

@@ -22,7 +22,6 @@ from cnnkit.errors import CnnkitError
 from cnnkit.evaluation.report import check_run, write_report
 from cnnkit.evaluation.tta import check_mode, with_tta
 from cnnkit.modelfile import run_folder_of
-from cnnkit.tasks.classification import summarize
 
 
 def evaluate(
@@ -44,10 +43,13 @@ def evaluate(
     is measured, not assumed.
     """
     model = load_model(run_or_model, device=device)
+    task = model.meta.get("task", "classification")
+    if check_mode(tta) != "none" and task != "classification":
+        raise CnnkitError(f"--tta is for classification models; this is a {task} model")
     rt = runtime.for_model(model.meta, device, precision)
     dataset, split = eval_dataset(run_or_model, model, data_source)
     data_cfg = DataConfig(num_workers=num_workers)
-    metrics = score(model, dataset, batch_size, rt, data_cfg, check_mode(tta))
+    metrics = score(model, dataset, batch_size, rt, data_cfg, tta)
     if tta != "none":
         metrics["acc_no_tta"] = score(model, dataset, batch_size, rt, data_cfg)["acc"]
     metrics["split"] = split
@@ -130,7 +132,7 @@ def score(
         with_tta(model, tta), loader, rt, task.metrics(len(classes), rt.device, train=False),
         task.loss(0.0, None),
     )  # fmt: skip
-    metrics = summarize(raw, classes)
+    metrics = task.summarize(raw, classes)
     metrics["precision"] = rt.precision
     if tta != "none":
         metrics["tta"] = tta

@@ -11,7 +11,7 @@ Your own model: ``create_model("pkg.module:Net")``, ``@register_model`` builders
 """
 
 # The family modules register their builders on import.
-from cnnkit.models import mobilenet, resnet, simple, speedrun  # noqa: F401
+from cnnkit.models import mobilenet, resnet, simple, speedrun, unet  # noqa: F401
 from cnnkit.models._registry import (
     builder_options,
     create_model,
@@ -19,6 +19,7 @@ from cnnkit.models._registry import (
     list_models,
     load_state_into,
     model_info,
+    model_task,
     register_model,
     summary_rows,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "model_for_layers",
     "model_from_meta",
     "model_info",
+    "model_task",
     "name_for",
     "rebuild",
     "rebuild_note",

@@ -56,6 +56,7 @@ class _Entry:
     input_size: tuple[int, int, int]  # (C, H, W) the model is designed for
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    task: str = "classification"  # what its outputs are: logits per image, or per pixel
 
 
 _MODELS: dict[str, _Entry] = {}
@@ -67,12 +68,14 @@ def register_model(
     input_size: tuple[int, int, int] = (3, 224, 224),
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
+    task: str = "classification",
 ):
     """Register a builder under its function name (bare ``@register_model`` or with a cfg).
 
     The builder returns an ``nn.Module``: one without the classifier contract is wrapped (see
     ``custom.py``). It gets ``num_classes`` and ``in_chans`` when its signature takes them.
-    ``input_size`` (C, H, W), ``mean`` and ``std`` are what the model is designed for.
+    ``input_size`` (C, H, W), ``mean`` and ``std`` are what the model is designed for;
+    ``task`` the task its outputs serve (``segmentation``: logits (B, K, H, W)).
 
     Raises ``CnnkitError`` when another builder has the name (the same function defined again,
     as a re-run notebook cell does, replaces itself).
@@ -82,7 +85,7 @@ def register_model(
         name = builder.__name__
         if name == "spec" or (name in _MODELS and not _same(_MODELS[name].builder, builder)):
             raise CnnkitError(f"a model named '{name}' is already registered; pick another name")
-        _MODELS[name] = _Entry(builder, tuple(input_size), tuple(mean), tuple(std))
+        _MODELS[name] = _Entry(builder, tuple(input_size), tuple(mean), tuple(std), task)
         return builder
 
     return wrap(fn) if fn is not None else wrap
@@ -111,11 +114,22 @@ def _load_plugins() -> None:
             ) from e
 
 
-def list_models(pattern: str | None = None, include_test: bool = False) -> list[str]:
-    """Sorted registry names matching the fnmatch ``pattern``; ``test_*`` ones only on request."""
+def list_models(
+    pattern: str | None = None, include_test: bool = False, task: str | None = None
+) -> list[str]:
+    """Sorted registry names matching the fnmatch ``pattern``; ``test_*`` ones only on request;
+    ``task``: only the models of that task (None: all)."""
     _load_plugins()
     names = [n for n in sorted(_MODELS) if include_test or not n.startswith("test_")]
+    names = [n for n in names if task is None or _MODELS[n].task == task]
     return [n for n in names if pattern is None or fnmatch.fnmatch(n, pattern)]
+
+
+def model_task(name: str) -> str:
+    """The task a registered model serves; other names (spec, tv:, timm:, import paths) are
+    classifiers."""
+    entry = _MODELS.get(name)
+    return entry.task if entry is not None else "classification"
 
 
 def create_model(

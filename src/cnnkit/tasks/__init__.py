@@ -3,8 +3,9 @@
 from cnnkit.errors import CnnkitError
 from cnnkit.tasks.base import Balance, Metrics, Task
 from cnnkit.tasks.classification import Classification
+from cnnkit.tasks.segmentation import Segmentation
 
-TASKS: dict[str, Task] = {"classification": Classification()}
+TASKS: dict[str, Task] = {"classification": Classification(), "segmentation": Segmentation()}
 
 
 def get(name: str) -> Task:
@@ -13,4 +14,4 @@ def get(name: str) -> Task:
     return TASKS[name]
 
 
-__all__ = ["TASKS", "Balance", "Classification", "Metrics", "Task", "get"]
+__all__ = ["TASKS", "Balance", "Classification", "Metrics", "Segmentation", "Task", "get"]

@@ -52,6 +52,11 @@ class Task:
     train_fields: Sequence[str] = ("loss",)  # summary fields logged per epoch as train_<field>
     val_fields: Sequence[str] = ("loss",)  # ... and as val_<field>
     shown: Sequence[str] = ("train_loss", "val_loss")  # row fields printed per epoch
+    reports = True  # whether cnnkit.evaluation.report can draw a report of this task
+
+    def configured(self, train_cfg) -> Task:
+        """The task with the run's own settings (``TrainConfig``, e.g. loss weights)."""
+        return self
 
     def loss(self, label_smoothing: float, class_weights: torch.Tensor | None) -> nn.Module:
         raise NotImplementedError
@@ -74,4 +79,9 @@ class Task:
 
     def predict(self, outputs: torch.Tensor, classes: list[str], top_k: int) -> list:
         """Model outputs (B, ...) as one prediction per image."""
+        raise NotImplementedError
+
+    def summarize(self, raw: dict, classes: list[str]) -> dict:
+        """A JSON-able evaluation result from a ``Metrics.summary`` (``cnnkit eval``, the
+        test_metrics.json of a run)."""
         raise NotImplementedError

@@ -111,6 +111,9 @@ class Classification(Task):
             for row_v, row_i in zip(values.tolist(), indices.tolist(), strict=True)
         ]
 
+    def summarize(self, raw: dict, classes: list[str]) -> dict:
+        return summarize(raw, classes)
+
 
 def per_class(confusion: torch.Tensor, classes: list[str]) -> list[dict]:
     """Precision, recall, F1 and support per class; a class never predicted has precision 0."""

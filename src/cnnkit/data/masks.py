@@ -1,0 +1,315 @@
+"""Segmentation data: images paired with masks by file stem -> ``Splits`` of ``MaskDataset``.
+
+Layout: ``root/images/`` + ``root/masks/`` (or ``image/`` + ``label/``, ``images/`` +
+``labels/``, ``image/`` + ``mask/``; ``data.image_dir``/``data.mask_dir`` name others), either at
+the root or per split under ``root/train/``, ``root/val/``, ``root/test/``. Without a val split
+one is carved from train (``data.val_fraction``, seeded by the run seed, as for classification).
+
+Masks hold one value per pixel (``images.load_mask``): class indices (8-bit grayscale PNG),
+palette indices (VOC-style "P" PNGs), or 0/255 (binary: 255 becomes class 1, there is then no
+ignored value; a class file may name the two classes). ``data.ignore_index`` (default 255)
+marks pixels that are not scored. Class names come from ``classes.txt`` (one per line) or
+``classes.json`` (a list) in the root, else ``class_0``... up to the largest value found
+(``background``/``foreground`` for binary masks).
+
+Every pair is checked while it is decoded: a missing mask, an image and mask of different sizes,
+or mask values outside the classes raise ``CnnkitError`` naming the file.
+
+Each split is decoded once per run into memory, resized to the input size (images bilinear,
+masks nearest): uint8 images (N, C, H, W) and masks (N, H, W), with IGNORE (255) on ignored
+pixels. Training batches are cut from them and augmented jointly on the device
+(``memory.MaskLoader``); there is no on-disk cache and no streaming for masks yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from cnnkit.config import DataConfig
+from cnnkit.data import augment
+from cnnkit.data.augment import Augment
+from cnnkit.data.batchaug import BATCHED_OPS
+from cnnkit.data.images import GRAY_MODES, decode, image_info, list_images, load_mask, mode_for
+from cnnkit.data.readers import VAL_DIRS, stratified_split
+from cnnkit.data.splits import Splits
+from cnnkit.data.transforms import make_preprocessing
+from cnnkit.errors import CnnkitError
+
+PAIR_DIRS = (("images", "masks"), ("image", "label"), ("images", "labels"), ("image", "mask"))
+BINARY_CLASSES = ["background", "foreground"]
+IGNORE = 255  # stored mask value of ignored pixels (the loss and metrics skip it)
+
+
+class MaskDataset(Dataset):
+    """Decoded pairs: uint8 images (N, C, H, W), uint8 masks (N, H, W); an item is (float32
+    normalised image (C, H, W), int64 mask (H, W)). ``targets`` are the masks."""
+
+    def __init__(self, images, masks, paths: Sequence[Path], mean, std) -> None:
+        self.images, self.masks, self.paths = images, masks, list(paths)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self._normalise = v2.Normalize(self.mean, self.std)
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self.masks
+
+    @property
+    def nbytes(self) -> int:
+        return self.images.numel() + self.masks.numel()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        image = self._normalise(self.images[index].float() / 255.0)
+        return image, self.masks[index].long()
+
+    def subset(self, indices: Sequence[int]) -> MaskDataset:
+        rows = torch.as_tensor(list(indices), dtype=torch.long)
+        paths = [self.paths[i] for i in indices]
+        return MaskDataset(self.images[rows], self.masks[rows], paths, self.mean, self.std)
+
+    def with_stats(self, mean, std) -> MaskDataset:
+        return MaskDataset(self.images, self.masks, self.paths, mean, std)
+
+
+def pair_dirs(folder: Path, cfg: DataConfig) -> tuple[Path, Path] | None:
+    """(image folder, mask folder) inside ``folder``, or None when it has no such pair."""
+    pairs = PAIR_DIRS
+    if cfg.image_dir or cfg.mask_dir:
+        pairs = ((cfg.image_dir or "images", cfg.mask_dir or "masks"),)
+    for images, masks in pairs:
+        if (folder / images).is_dir() and (folder / masks).is_dir():
+            return folder / images, folder / masks
+    return None
+
+
+def is_mask_source(cfg: DataConfig) -> bool:
+    """True when ``cfg.source`` is a folder of image and mask folders (at its root or in
+    train/): what makes ``cnnkit train DATA`` a segmentation run."""
+    root = Path(cfg.source).expanduser()
+    return root.is_dir() and any(pair_dirs(f, cfg) for f in (root, root / "train"))
+
+
+def list_pairs(images: Path, masks: Path) -> list[tuple[Path, Path]]:
+    """(image, mask) files matched by stem; an image without its mask is an error."""
+    by_stem: dict[str, Path] = {}
+    for mask in list_images(masks):
+        if mask.stem in by_stem:
+            raise CnnkitError(f"two masks for stem '{mask.stem}': {by_stem[mask.stem]}, {mask}")
+        by_stem[mask.stem] = mask
+    pairs = []
+    for image in list_images(images):
+        if image.stem not in by_stem:
+            raise CnnkitError(
+                f"no mask for image {image}: masks are matched by file stem, and {masks} has "
+                f"no {image.stem}.*"
+            )
+        pairs.append((image, by_stem[image.stem]))
+    if not pairs:
+        raise CnnkitError(f"no images in {images}")
+    return pairs
+
+
+def build(cfg: DataConfig, seed: int, note: Callable[[str], None] | None = None):
+    """The segmentation ``Splits`` of ``cfg.source`` (see the module docstring)."""
+    note = note or (lambda text: None)
+    root = Path(cfg.source).expanduser()
+    listed = _split_pairs(root, cfg)
+    train_pairs = listed["train"]
+    in_chans = 1 if _all_gray([img for img, _ in train_pairs]) else 3
+    size = _input_size(cfg, train_pairs[0][0])
+    names = read_class_names(root)
+    decoded = {name: _decode_pairs(pairs, in_chans, size) for name, pairs in listed.items()}
+    ignore = cfg.ignore_index
+    two = names is None or len(names) == 2  # a class file may name the binary classes
+    binary = two and _binary([m for _, m, _ in decoded.values()])
+    classes = (names or BINARY_CLASSES) if binary else names or _inferred(decoded, ignore)
+    masks = {name: _checked_masks(d, classes, ignore, binary) for name, d in decoded.items()}
+    note(f"decoded {sum(len(p) for p in listed.values())} image/mask pairs at {size[0]}x{size[1]}")
+    data = {
+        name: MaskDataset(decoded[name][0], masks[name], [p for p, _ in pairs], (0.0,), (1.0,))
+        for name, pairs in listed.items()
+    }
+    train, val = data["train"], data.get("val")
+    if val is None and cfg.val_fraction > 0:
+        keep, held = stratified_split([0] * len(train), cfg.val_fraction, seed)
+        train, val = train.subset(keep), train.subset(held) if held else None
+    mean, std = _mean_std(train.images)
+    pre = make_preprocessing(in_chans, size, mean, std, "none")
+    return Splits(
+        train=train.with_stats(mean, std),
+        val=val.with_stats(mean, std) if val is not None else None,
+        test=data["test"].with_stats(mean, std) if "test" in data else None,
+        classes=list(classes),
+        in_chans=in_chans,
+        input_size=size,
+        mean=mean,
+        std=std,
+        name=root.name or "masks",
+        preprocessing=pre,
+        fingerprint=_fingerprint(listed, classes, ignore, size),
+        augment=resolve_augment(cfg, size),
+    )
+
+
+def resolve_augment(cfg: DataConfig, size: tuple[int, int]) -> Augment:
+    """The train ``Augment`` of a segmentation run: the ops that move pixels (random scale and
+    crop, shift, flips) are applied to the masks too; cutout only to the images. Ops with no
+    mask counterpart are refused."""
+    aug = augment.resolve(cfg, size)
+    unsupported = sorted(set(aug.ops()) - BATCHED_OPS) + [
+        name for name in ("mixup", "cutmix") if getattr(aug, name)
+    ]
+    if unsupported:
+        raise CnnkitError(
+            f"segmentation does not support {', '.join(unsupported)} yet (image and mask must "
+            "move together); turn them off"
+        )
+    return aug
+
+
+def _split_pairs(root: Path, cfg: DataConfig) -> dict[str, list[tuple[Path, Path]]]:
+    """{"train": pairs, and "val"/"test" when present} from the layout or cfg.val/cfg.test."""
+    if not root.is_dir():
+        raise CnnkitError(f"data folder not found: {root}")
+    found = pair_dirs(root, cfg)
+    out = {}
+    if found is not None:
+        out["train"] = list_pairs(*found)
+    else:
+        train = pair_dirs(root / "train", cfg)
+        if train is None:
+            names = " or ".join(f"{a}/+{b}/" for a, b in PAIR_DIRS)
+            raise CnnkitError(f"{root} has no image and mask folders ({names}, or in train/)")
+        out["train"] = list_pairs(*train)
+        for name, options in (("val", VAL_DIRS), ("test", ("test",))):
+            for option in options:
+                if (pair := pair_dirs(root / option, cfg)) is not None:
+                    out[name] = list_pairs(*pair)
+                    break
+    for name, given in (("val", cfg.val), ("test", cfg.test)):
+        if given is not None:
+            pair = pair_dirs(Path(given).expanduser(), cfg)
+            if pair is None:
+                raise CnnkitError(f"data.{name} {given} has no image and mask folders")
+            out[name] = list_pairs(*pair)
+    return out
+
+
+def read_class_names(root: Path) -> list[str] | None:
+    """Names from classes.txt (a line each) or classes.json (a list), else None."""
+    text_file, json_file = root / "classes.txt", root / "classes.json"
+    if text_file.is_file():
+        names = [line.strip() for line in text_file.read_text().splitlines() if line.strip()]
+    elif json_file.is_file():
+        names = json.loads(json_file.read_text())
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise CnnkitError(f"{json_file} must hold a list of class names")
+    else:
+        return None
+    if len(names) < 2:
+        raise CnnkitError(f"{root}: a class file must name at least 2 classes, got {names}")
+    return names
+
+
+def _all_gray(paths: list[Path]) -> bool:
+    return all(image_info(p)[2] in GRAY_MODES for p in paths[:200])
+
+
+def _input_size(cfg: DataConfig, first: Path) -> tuple[int, int]:
+    if cfg.input_size is not None:
+        return cfg.input_size, cfg.input_size
+    width, height, _ = image_info(first)
+    return height, width
+
+
+def _decode_pairs(pairs, in_chans: int, size: tuple[int, int]):
+    """(uint8 images (N, C, H, W) at ``size``, raw masks [np (h, w)], pairs) with each pair's
+    sizes checked; masks are resized later, once their values are known good."""
+    images = torch.empty((len(pairs), in_chans, *size), dtype=torch.uint8)
+    masks = []
+    for i, (image_path, mask_path) in enumerate(pairs):
+        image = torch.from_numpy(np.array(decode(image_path, mode_for(in_chans))[0]))
+        image = image.reshape(*image.shape[:2], -1).permute(2, 0, 1)  # (C, h, w)
+        mask = load_mask(mask_path)
+        if tuple(image.shape[1:]) != mask.shape:
+            raise CnnkitError(
+                f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image "
+                f"{image_path} is {image.shape[2]}x{image.shape[1]}; they must match"
+            )
+        images[i] = TF.resize(image, list(size), antialias=True)
+        masks.append(mask)
+    return images, masks, pairs
+
+
+def _binary(all_masks: list[list[np.ndarray]]) -> bool:
+    """True when every mask holds only 0 and 255 (and some 255): 0/255 binary masks."""
+    values = set()
+    for masks in all_masks:
+        for mask in masks:
+            values.update(np.unique(mask).tolist())
+            if not values <= {0, 255}:
+                return False
+    return 255 in values
+
+
+def _inferred(decoded: dict, ignore: int) -> list[str]:
+    top = max(
+        int(np.where(mask == ignore, 0, mask).max(initial=0))
+        for _, masks, _ in decoded.values()
+        for mask in masks
+    )
+    return [f"class_{i}" for i in range(max(top + 1, 2))]
+
+
+def _checked_masks(decoded, classes: list[str], ignore: int, binary: bool) -> torch.Tensor:
+    """uint8 masks (N, H, W) at the images' size (nearest), IGNORE on ignored pixels; a value
+    that is neither a class nor ``ignore`` is an error naming the file."""
+    images, masks, pairs = decoded
+    out = torch.empty((len(masks), *images.shape[-2:]), dtype=torch.uint8)
+    k = len(classes)
+    for i, (mask, (_, path)) in enumerate(zip(masks, pairs, strict=True)):
+        if binary:
+            mask = (mask == 255).astype(np.uint8)
+        else:
+            bad = np.unique(mask[(mask >= k) & (mask != ignore)])
+            if bad.size:
+                raise CnnkitError(
+                    f"mask {path} has values {bad[:8].tolist()} outside the {k} classes "
+                    f"(0..{k - 1}, ignore {ignore}); fix the mask, the class file, or "
+                    "data.ignore_index"
+                )
+            mask = np.where(mask == ignore, IGNORE, mask).astype(np.uint8)
+        resized = TF.resize(
+            torch.from_numpy(mask)[None], list(out.shape[-2:]), v2.InterpolationMode.NEAREST
+        )
+        out[i] = resized[0]
+    return out
+
+
+def _mean_std(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std (0..1 units) of uint8 images (N, C, H, W)."""
+    x = images.transpose(0, 1).reshape(images.shape[1], -1).double() / 255.0
+    std = x.std(1).clamp(min=1e-3)
+    return tuple(round(v, 4) for v in x.mean(1).tolist()), tuple(round(v, 4) for v in std.tolist())
+
+
+def _fingerprint(listed: dict, classes, ignore: int, size) -> str:
+    """Changes when a file is added, removed or modified, or the classes or geometry change."""
+    h = hashlib.sha256(json.dumps([list(classes), ignore, list(size)]).encode())
+    for name in sorted(listed):
+        for image, mask in listed[name]:
+            for path in (image, mask):
+                stat = path.stat()
+                h.update(f"{name}|{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
