@@ -161,7 +161,7 @@ def resolve_task(cfg: Config) -> None:
     if cfg.train.task != "segmentation":
         return
     cfg.train.monitor = SEGMENTATION_MONITORS.get(cfg.train.monitor, cfg.train.monitor)
-    if cfg.model.name == DEFAULT_MODEL:  # the default classifier cannot segment: its U-Net
+    if cfg.model.name == DEFAULT_MODEL:  # model: auto, for segmentation: the U-Net
         cfg.model.name = DEFAULT_SEGMENTATION_MODEL
     unsupported = [
         key
