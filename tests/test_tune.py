@@ -74,7 +74,7 @@ def test_a_pruned_study_writes_best_yaml_that_trains(study, tmp_path, capsys):
 def test_a_study_killed_mid_trial_resumes_and_finishes(tmp_path):
     url = f"sqlite:///{tmp_path / 'k.db'}"
     args = ["tune", "--trials", "3", "--epochs", "2", "--model", "test_simple_cnn"]
-    args += ["--study", "k", "--storage", url, "--pruner", "hyperband", *QUICK]
+    args += ["--study", "k", "--storage", url, "--pruner", "none", *QUICK]  # every trial ends
     # trial 0 SIGKILLs its own process after step 2 of its second epoch (as a crash would)
     killed = _cli(*args, cwd=tmp_path, env={"CNNKIT_FAULT_INJECT": "0:1:2"}, check=False)
     assert killed.returncode == -9, killed.stdout + killed.stderr
@@ -164,3 +164,12 @@ def test_tensorboard_gets_the_hparams(tmp_path):
     )  # fmt: skip
     events = b"".join(p.read_bytes() for p in (result.run_dir / "tensorboard").rglob("events*"))
     assert b"hparams" in events and b"optim.lr" in events
+
+
+def test_each_pruner_name_builds_its_optuna_pruner():
+    optuna = pytest.importorskip("optuna")
+    from cnnkit import study
+
+    assert isinstance(study._pruner(optuna, "hyperband", 5), optuna.pruners.HyperbandPruner)
+    assert isinstance(study._pruner(optuna, "median", 5), optuna.pruners.MedianPruner)
+    assert isinstance(study._pruner(optuna, "none", 5), optuna.pruners.NopPruner)
