@@ -328,3 +328,11 @@ def test_cli_layers_of_a_spec_names_the_entry_and_its_shape(tmp_path, capsys):
     code, out, err = cli(capsys, "models", spec, "--layers")
     assert code == 2
     assert "layers[6]: conv needs a (B, C, H, W) map but gets flat features (B, 64)" in err
+
+
+def test_cli_layers_of_a_config_with_model_auto_says_to_name_one(tmp_path, capsys):
+    config = tmp_path / "auto.yaml"
+    config.write_text("model: {name: auto}\ntrain: {epochs: 1}\n")
+    code, out, err = cli(capsys, "models", config, "--layers")
+    assert code == 2 and "model 'auto' picks its network from the data" in err
+    assert len(err.strip().splitlines()) == 1

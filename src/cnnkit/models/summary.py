@@ -230,4 +230,11 @@ def _model_in_yaml(path: Path) -> tuple[str, dict]:
             f"{path}: expected a layer list, a mapping with 'layers', or a config with a "
             "'model' section"
         )
-    return section.get("name", "simple_cnn"), dict(section.get("kwargs") or {})
+    name = section.get("name", "auto")
+    if name == "auto":  # chosen from the data at train time (models/auto.py), not from a file
+        raise CnnkitError(
+            f"{path}: model 'auto' picks its network from the data when training starts; "
+            "name a model here (cnnkit models lists them), or train once and use the name its "
+            "config.yaml records"
+        )
+    return name, dict(section.get("kwargs") or {})
