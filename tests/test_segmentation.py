@@ -347,3 +347,15 @@ def test_predict_writes_palette_masks_and_class_fractions(tmp_path):
     with Image.open(out[0]["mask"]) as mask:
         assert mask.mode == "P" and mask.size == (30, 20)
         assert set(np.unique(np.asarray(mask)).tolist()) <= {0, 1, 2, 3}
+
+
+def test_final_score_uses_the_runs_loss_weights(tmp_path):
+    """The score written after training (val here: no test split) is the same pass as the last
+    epoch's validation, with the run's CE/Dice weights, so its loss equals that row's."""
+    data = make_shapes(tmp_path / "shapes", 24, side=24, seed=5)
+    result = cnnkit.train(
+        str(data), model="test_unet", epochs=1, batch_size=8, out_dir=str(tmp_path),
+        overrides=[*FAST, "train.dice_weight=0.25"],
+    )  # fmt: skip
+    assert result.test_split == "val"
+    assert result.test["loss"] == pytest.approx(result.fit.history[-1]["val_loss"], rel=1e-6)

@@ -294,7 +294,8 @@ def _final_eval(
     if dataset is None:
         return None, None
     model = load_model(run_dir / MODEL_FILE, str(rt.device), copy.deepcopy(template))
-    metrics = score(model, dataset, cfg.data.batch_size, rt, cfg.data, cfg.train.tta)
+    task = tasks.get(cfg.train.task).configured(cfg.train)  # the loss the run validated with
+    metrics = score(model, dataset, cfg.data.batch_size, rt, cfg.data, cfg.train.tta, task)
     atomic_write_bytes(run_dir / f"{name}_metrics.json", json.dumps(metrics, indent=2).encode())
     return metrics, name
 

@@ -111,9 +111,11 @@ def score(
     rt: runtime.Runtime,
     data_cfg: DataConfig,
     tta: str = "none",
+    task: tasks.Task | None = None,
 ) -> dict:
     """Metrics of ``model`` (with ``.meta``) on ``dataset``, computed on ``rt``; the dict names the
-    precision it was computed in."""
+    precision it was computed in. ``task``: the run's configured task (its loss weights); by
+    default the one the model file names, with default settings."""
     model = model.to(rt.device, memory_format=rt.memory_format)
     loader = run_loader(
         dataset,
@@ -127,7 +129,7 @@ def score(
         memory_format=rt.memory_format,
     )
     classes = model.meta["classes"]
-    task = tasks.get(model.meta.get("task", "classification"))
+    task = task or tasks.get(model.meta.get("task", "classification"))
     raw = evaluate_loader(
         with_tta(model, tta), loader, rt, task.metrics(len(classes), rt.device, train=False),
         task.loss(0.0, None),
