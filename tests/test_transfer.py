@@ -154,3 +154,27 @@ def test_pretrained_models_get_the_normalisation_of_their_weights(image_folder):
     assert matched.mean == pytest.approx(model.default_cfg["mean"])
     assert cfg.data.mean == pytest.approx(list(model.default_cfg["mean"]))
     assert splits.mean != matched.mean
+
+
+def test_small_batch_fine_tuning_keeps_the_weights_batch_norm_statistics(tmp_path, image_folder):
+    source = cnnkit.train(
+        str(image_folder), epochs=1, out_dir=str(tmp_path), name="src", **FOLDER_OPTIONS
+    )
+    src_state, _ = load_model_file(source.run_dir / "model.safetensors")
+    stats = [k for k in src_state if k.endswith(("running_mean", "running_var"))]
+    assert stats
+    weights = str(source.run_dir / "model.safetensors")
+    runs = {}
+    for mode in ("auto", "update"):
+        runs[mode] = cnnkit.train(
+            str(_two_class_folder(tmp_path / f"two-{mode}")), epochs=1, batch_size=8,
+            out_dir=str(tmp_path), name=f"ft-{mode}", weights=weights,
+            overrides=[f"train.bn_stats={mode}"], **FOLDER_OPTIONS,
+        )  # fmt: skip
+    frozen = load_checkpoint(runs["auto"].run_dir / "checkpoints/last.pt")
+    assert frozen["config"]["train"]["bn_stats"] == "frozen"  # auto resolved, and recorded
+    assert all(torch.equal(frozen["model"][k], src_state[k]) for k in stats)
+    convs = [k for k in src_state if k.endswith("conv.weight")]
+    assert not all(torch.equal(frozen["model"][k], src_state[k]) for k in convs)  # body trained
+    updated = load_checkpoint(runs["update"].run_dir / "checkpoints/last.pt")["model"]
+    assert not all(torch.equal(updated[k], src_state[k]) for k in stats)

@@ -104,6 +104,9 @@ class TrainConfig:
     label_smoothing: float = 0.1
     grad_clip: float | None = None  # max global gradient norm
     freeze_epochs: int = 0  # train only the head for this many epochs first (fine-tuning)
+    # batch-norm running statistics: update, or frozen (the weights' own, kept); auto: frozen
+    # when fine-tuning given or published weights with under 16 images per process and step
+    bn_stats: Literal["auto", "update", "frozen"] = "auto"
     ema: bool = False  # keep an exponential moving average of the weights and evaluate it
     ema_decay: float = 0.999
     lookahead: bool = False  # every lookahead_every steps pull the weights toward a slow average

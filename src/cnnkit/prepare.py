@@ -52,6 +52,20 @@ def resolve_auto_model(cfg: Config, device: str) -> auto.Choice | None:
     return choice
 
 
+SMALL_BN_BATCH = 16  # images per process: fewer give batch statistics too noisy to learn from
+
+
+def resolve_bn_stats(cfg: Config) -> None:
+    """``train.bn_stats: auto`` (after the batch size is known): fine-tuning given or published
+    weights on small batches keeps their batch-norm statistics, which a few noisy batches would
+    otherwise overwrite; anything else updates them. The resolved value goes into config.yaml."""
+    if cfg.train.bn_stats != "auto":
+        return
+    fine_tuning = cfg.model.pretrained or cfg.model.weights is not None
+    small = cfg.data.batch_size < SMALL_BN_BATCH
+    cfg.train.bn_stats = "frozen" if fine_tuning and small else "update"
+
+
 def auto_choice(cfg: Config, device: str) -> auto.Choice | None:
     """What ``model.name: auto`` picks for this config's data on ``device``; None when the
     config names a model. Reads file headers only and no network."""

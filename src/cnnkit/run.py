@@ -112,6 +112,7 @@ def train(
         shape = (splits.in_chans, *splits.input_size)
         size = auto_batch_size(model, rt, shape, len(splits.classes), len(splits.train))
         cfg.data.batch_size = distributed.broadcast(size)  # every process steps alike
+    prepare.resolve_bn_stats(cfg)  # needs the batch size
     _resolve_auto_lr(cfg, splits, model, rt)  # after the batch size: the sweep uses it
     cfg.optim.lr = distributed.broadcast(cfg.optim.lr)  # rank 0's sweep decides for all
     run_dir = _shared_run_dir(cfg, splits.name, dd)

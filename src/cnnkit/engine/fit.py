@@ -123,6 +123,7 @@ def fit(
         note=progress.message,
         nan_policy=tc.nan_policy,
         nan_limit=tc.nan_limit,
+        freeze_bn=tc.bn_stats == "frozen",
     )
     # DDP and compiled wrappers share the parameters; state dicts are always taken from ``model``
     train_model = distributed.wrap(model, rt.device, cfg.runtime.sync_bn)

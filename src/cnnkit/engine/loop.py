@@ -50,6 +50,7 @@ class StepTools:
     skipped: int = 0  # steps skipped for a non-finite loss so far in the run
     overflow: torch.Tensor | int = 0  # steps the grad scaler skipped (summed on the device)
     stop: Callable[[], bool] | None = None  # True: end the epoch before the next step
+    freeze_bn: bool = False  # batch norm keeps its running statistics (fine-tuning, small batches)
 
 
 class NonFiniteLoss(Exception):
@@ -80,6 +81,10 @@ def train_one_epoch(
     """Train for one pass over ``loader``; returns the task's ``metrics`` summary (summed over
     processes) plus images, seconds, first_step and skipped_steps."""
     model.train()
+    if tools.freeze_bn:  # normalise with the stored statistics; their scale and shift still train
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
     seen, start = 0, time.perf_counter()
     first_step, last_refresh = None, start
     skipped_before = tools.skipped + int(tools.overflow)  # one read per epoch, not per step
