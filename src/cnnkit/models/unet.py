@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnkit.models._registry import register_model
-from cnnkit.models.layers import ConvBNAct, base_cfg, init_weights
+from cnnkit.models.layers import ClassifierModel, ConvBNAct, base_cfg, init_weights
 
 UNET_MEAN, UNET_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)  # replaced by the data's own stats
 
@@ -64,8 +64,9 @@ class SegmentationHead(nn.Module):
         self.fc = nn.Conv2d(self.num_features, num_classes, 1) if num_classes else nn.Identity()
 
 
-class UNet(nn.Module):
-    """See the module docstring. ``width``: channels of the first stage; ``depth``: stages
+class UNet(ClassifierModel):
+    """See the module docstring (the contract's methods come from ``ClassifierModel``; the head
+    is per pixel). ``width``: channels of the first stage; ``depth``: stages
     (the deepest map is 2**(depth-1) times smaller than the input)."""
 
     def __init__(
@@ -109,23 +110,6 @@ class UNet(nn.Module):
         for up, skip in zip(self.ups, reversed(skips[:-1]), strict=True):
             x = up(x, skip)
         return self.decoder(x[..., :h, :w])
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.head.reset(num_classes)
-        self.num_classes = num_classes
-
-    @property
-    def num_features(self) -> int:
-        return self.head.num_features
 
 
 @register_model(input_size=(3, 256, 256), mean=UNET_MEAN, std=UNET_STD, task="segmentation")
