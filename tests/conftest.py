@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 os.environ.setdefault("CNNKIT_TEST", "1")
@@ -135,3 +136,22 @@ def chromium():
             yield browser
         finally:
             browser.close()
+
+
+def assert_same_checkpoints(a_dir: Path, b_dir: Path, epoch: int) -> dict:
+    """Two runs' last checkpoints are at ``epoch`` with bit-equal weights (and EMA weights when
+    kept) and the same history, wall-clock fields aside: what an exact resume must give.
+    Returns the first checkpoint."""
+    from cnnkit.engine.checkpoint import load_checkpoint
+
+    a = load_checkpoint(Path(a_dir) / "checkpoints/last.pt")
+    b = load_checkpoint(Path(b_dir) / "checkpoints/last.pt")
+    assert a["epoch"] == b["epoch"] == epoch
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key in (a["ema"] or {"module": {}})["module"]:
+        assert torch.equal(a["ema"]["module"][key], b["ema"]["module"][key]), key
+    timing = {"epoch_time", "images_per_s"}
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
+    assert strip(a["history"]) == strip(b["history"])
+    return a

@@ -20,10 +20,10 @@ from cnnkit.config import DataConfig
 from cnnkit.data import masks
 from cnnkit.data.augment import Augment
 from cnnkit.data.batchaug import BatchAugment, _resized_crop
-from cnnkit.engine.checkpoint import load_checkpoint
 from cnnkit.errors import CnnkitError
 from cnnkit.modelfile import MODEL_FILE, load_model_file
 from cnnkit.tasks.segmentation import IGNORE, Segmentation, SegmentationLoss, scores
+from conftest import assert_same_checkpoints
 
 SHAPES = ["background", "disc", "square", "triangle"]
 
@@ -114,14 +114,7 @@ def test_resume_is_exact(tmp_path):
     whole = cnnkit.train(str(data), name="whole", **options)
     part = cnnkit.train(str(data), name="part", stop_after=1, **options)
     resumed = cnnkit.train(resume=part.run_dir)
-    a = load_checkpoint(whole.run_dir / "checkpoints/last.pt")
-    b = load_checkpoint(resumed.run_dir / "checkpoints/last.pt")
-    assert a["epoch"] == b["epoch"] == 3
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    timing = {"epoch_time", "images_per_s"}
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
-    assert strip(a["history"]) == strip(b["history"])
+    assert_same_checkpoints(whole.run_dir, resumed.run_dir, epoch=3)
 
 
 def test_task_is_auto_detected_and_classifiers_refused(tmp_path):
