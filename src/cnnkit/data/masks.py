@@ -41,12 +41,15 @@ from cnnkit.data.batchaug import BATCHED_OPS
 from cnnkit.data.images import GRAY_MODES, decode, image_info, list_images, load_mask, mode_for
 from cnnkit.data.readers import VAL_DIRS, stratified_split
 from cnnkit.data.splits import Splits
+from cnnkit.data.splits import build as build_classes
+from cnnkit.data.splits import build_eval as build_classes_eval
 from cnnkit.data.transforms import make_preprocessing
 from cnnkit.errors import CnnkitError
 
 PAIR_DIRS = (("images", "masks"), ("image", "label"), ("images", "labels"), ("image", "mask"))
 BINARY_CLASSES = ["background", "foreground"]
 IGNORE = 255  # stored mask value of ignored pixels (the loss and metrics skip it)
+OVERLAY_ALPHA = 0.5  # weight of the class colour over the image in overlays
 
 
 class MaskDataset(Dataset):
@@ -160,6 +163,34 @@ def build(cfg: DataConfig, seed: int, note: Callable[[str], None] | None = None)
         fingerprint=_fingerprint(listed, classes, ignore, size),
         augment=resolve_augment(cfg, size),
     )
+
+
+def build_eval(source: str, classes: list[str], preprocessing: dict) -> MaskDataset:
+    """The labelled pairs of ``source`` to score a trained model on: its test/ pairs, else its
+    val/ pairs, else those at its root; decoded at the model's input size, checked against its
+    ``classes`` (0/255 masks when it has two) and normalised as the model was trained."""
+    root = Path(source).expanduser()
+    listed = _split_pairs(root, DataConfig(source=str(root)))
+    pairs = listed.get("test") or listed.get("val") or listed["train"]
+    size = tuple(preprocessing["input_size"])
+    decoded = _decode_pairs(pairs, preprocessing["in_chans"], size)
+    binary = len(classes) == 2 and _binary([decoded[1]])
+    checked = _checked_masks(decoded, classes, IGNORE, binary)
+    mean, std = preprocessing["mean"], preprocessing["std"]
+    return MaskDataset(decoded[0], checked, [p for p, _ in pairs], mean, std)
+
+
+def eval_data(source: str, meta: dict):
+    """``source`` as labelled data for the model whose file metadata is ``meta``: pairs
+    (``build_eval``) for a segmentation model, else ``splits.build_eval``."""
+    if meta.get("task") == "segmentation":
+        return build_eval(source, meta["classes"], meta["preprocessing"])
+    return build_classes_eval(source, meta["classes"], meta["preprocessing"])
+
+
+def build_splits(cfg: DataConfig, task: str, seed: int, note=None) -> Splits:
+    """The ``Splits`` of a run's data: ``build`` here for segmentation, ``splits.build`` else."""
+    return (build if task == "segmentation" else build_classes)(cfg, seed=seed, note=note)
 
 
 def resolve_augment(cfg: DataConfig, size: tuple[int, int]) -> Augment:
@@ -313,3 +344,27 @@ def _fingerprint(listed: dict, classes, ignore: int, size) -> str:
                 stat = path.stat()
                 h.update(f"{name}|{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
+
+
+def voc_palette() -> list[int]:
+    """256 RGB colours, PASCAL VOC's: the bits of the class index spread over R, G and B."""
+    colours = []
+    for index in range(256):
+        r = g = b = 0
+        c = index
+        for shift in range(7, -1, -1):
+            r |= (c & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        colours += [r, g, b]
+    return colours
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+    """An image (H, W, 3) uint8 with each pixel's class colour (``voc_palette``) blended over it;
+    ignored pixels (IGNORE) keep the image's own colour. ``mask``: (H, W) class indices."""
+    colours = np.asarray(voc_palette(), dtype=np.float32).reshape(256, 3)[mask]
+    weight = np.where(mask == IGNORE, 0.0, alpha)[..., None]
+    blended = (1 - weight) * image.astype(np.float32) + weight * colours
+    return blended.round().astype(np.uint8)
