@@ -125,3 +125,67 @@ def test_pixel_agreement_gate(agreement, passed):
     parity = export_mod.Parity(0.0, 1.0, agreement, 10, 0.9, 0.9, pixels=10_000)
     export_mod._judge(parity, "onnx")
     assert parity.passed is passed
+
+
+# --------------------------------------------------------------------------------------------
+# cnnkit serve: mask PNGs over real HTTP, and the page's overlay
+
+
+@pytest.fixture(scope="module")
+def seg_server(shapes_run):
+    pytest.importorskip("httpx", reason="server tests need httpx (the 'dev' extra)")
+    pytest.importorskip("fastapi", reason="server tests need the 'serve' extra")
+    from test_serve import Server
+
+    server = Server(shapes_run / "model.safetensors")
+    yield server
+    server.stop()
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_serve_answers_with_mask_pngs(shapes_run, seg_server, tmp_path):
+    import httpx
+
+    source = sorted((shapes_run.parent / "shapes" / "images").glob("*.png"))[1]
+    path = tmp_path / "odd.png"  # not the trained 24x24: the mask comes back at 40x30
+    Image.open(source).resize((40, 30)).save(path)
+    (expected,) = cnnkit.predict(shapes_run, [str(path)], mask_dir=tmp_path / "m", device="cpu")
+    truth = np.asarray(Image.open(expected["mask"]))
+    url = seg_server.url + "/predict"
+    raw = httpx.post(url + "?format=png", content=path.read_bytes())
+    assert raw.status_code == 200 and raw.headers["content-type"] == "image/png", raw.text
+    with Image.open(io.BytesIO(raw.content)) as mask:
+        assert mask.mode == "P" and mask.size == (40, 30)
+        assert np.array_equal(np.asarray(mask), truth)
+    answer = httpx.post(url + "?overlay=true", files={"file": ("odd.png", path.read_bytes())})
+    assert answer.status_code == 200, answer.text
+    (result,) = answer.json()["results"]
+    assert result["name"] == "odd.png" and result["size"] == [40, 30]
+    assert result["fractions"] == pytest.approx(expected["fractions"])
+    mask = Image.open(io.BytesIO(base64.b64decode(result["mask_png"])))
+    assert np.array_equal(np.asarray(mask), truth)
+    overlay = Image.open(io.BytesIO(base64.b64decode(result["overlay_png"])))
+    assert overlay.mode == "RGB" and overlay.size == (40, 30)
+    assert httpx.get(seg_server.url + "/metadata").json()["task"] == "segmentation"
+    two = [("f", (f"{i}.png", path.read_bytes())) for i in range(2)]
+    refused = httpx.post(url + "?format=png", files=two)
+    assert refused.status_code == 400 and "one image" in refused.json()["error"]
+
+
+def test_page_shows_the_mask_overlay(shapes_run, seg_server, tmp_path, chromium):
+    source = sorted((shapes_run.parent / "shapes" / "images").glob("*.png"))[2]
+    page = chromium.new_page()
+    page.goto(seg_server.url + "/")
+    page.wait_for_selector("#model:has-text('segmentation')")
+    page.set_input_files("#file", str(source))
+    page.wait_for_selector("#overlay:not([hidden])")
+    page.wait_for_function("document.getElementById('overlay').naturalWidth > 0")
+    size = page.eval_on_selector("#overlay", "i => [i.naturalWidth, i.naturalHeight]")
+    labels = page.locator("#bars .label").all_inner_texts()
+    assert size == [24, 24] and sorted(labels) == sorted(SHAPES)
+    assert page.locator("#title").inner_text() == "cnnkit segmentation"
