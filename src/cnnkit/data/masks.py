@@ -38,16 +38,23 @@ from cnnkit.config import DataConfig
 from cnnkit.data import augment
 from cnnkit.data.augment import Augment
 from cnnkit.data.batchaug import BATCHED_OPS
-from cnnkit.data.images import GRAY_MODES, decode, image_info, list_images, load_mask, mode_for
-from cnnkit.data.readers import VAL_DIRS, stratified_split
+from cnnkit.data.images import GRAY_MODES, decode, image_info, load_mask, mode_for
+from cnnkit.data.readers import (  # noqa: F401 - the pair layout, re-exported for callers
+    BINARY_CLASSES,
+    PAIR_DIRS,
+    VAL_DIRS,
+    is_mask_source,
+    match_pairs,
+    pair_dirs,
+    read_class_names,
+    stratified_split,
+)
 from cnnkit.data.splits import Splits
 from cnnkit.data.splits import build as build_classes
 from cnnkit.data.splits import build_eval as build_classes_eval
 from cnnkit.data.transforms import make_preprocessing
 from cnnkit.errors import CnnkitError
 
-PAIR_DIRS = (("images", "masks"), ("image", "label"), ("images", "labels"), ("image", "mask"))
-BINARY_CLASSES = ["background", "foreground"]
 IGNORE = 255  # stored mask value of ignored pixels (the loss and metrics skip it)
 OVERLAY_ALPHA = 0.5  # weight of the class colour over the image in overlays
 
@@ -85,42 +92,21 @@ class MaskDataset(Dataset):
         return MaskDataset(self.images, self.masks, self.paths, mean, std)
 
 
-def pair_dirs(folder: Path, cfg: DataConfig) -> tuple[Path, Path] | None:
-    """(image folder, mask folder) inside ``folder``, or None when it has no such pair."""
-    pairs = PAIR_DIRS
-    if cfg.image_dir or cfg.mask_dir:
-        pairs = ((cfg.image_dir or "images", cfg.mask_dir or "masks"),)
-    for images, masks in pairs:
-        if (folder / images).is_dir() and (folder / masks).is_dir():
-            return folder / images, folder / masks
-    return None
-
-
-def is_mask_source(cfg: DataConfig) -> bool:
-    """True when ``cfg.source`` is a folder of image and mask folders (at its root or in
-    train/): what makes ``cnnkit train DATA`` a segmentation run."""
-    root = Path(cfg.source).expanduser()
-    return root.is_dir() and any(pair_dirs(f, cfg) for f in (root, root / "train"))
-
-
 def list_pairs(images: Path, masks: Path) -> list[tuple[Path, Path]]:
     """(image, mask) files matched by stem; an image without its mask is an error."""
-    by_stem: dict[str, Path] = {}
-    for mask in list_images(masks):
-        if mask.stem in by_stem:
-            raise CnnkitError(f"two masks for stem '{mask.stem}': {by_stem[mask.stem]}, {mask}")
-        by_stem[mask.stem] = mask
-    pairs = []
-    for image in list_images(images):
-        if image.stem not in by_stem:
-            raise CnnkitError(
-                f"no mask for image {image}: masks are matched by file stem, and {masks} has "
-                f"no {image.stem}.*"
-            )
-        pairs.append((image, by_stem[image.stem]))
-    if not pairs:
+    found = match_pairs(images, masks)
+    if found.doubles:
+        first, second = found.doubles[0]
+        raise CnnkitError(f"two masks for stem '{second.stem}': {first}, {second}")
+    if found.missing:
+        image = found.missing[0]
+        raise CnnkitError(
+            f"no mask for image {image}: masks are matched by file stem, and {masks} has "
+            f"no {image.stem}.*"
+        )
+    if not found.pairs:
         raise CnnkitError(f"no images in {images}")
-    return pairs
+    return found.pairs
 
 
 def build(cfg: DataConfig, seed: int, note: Callable[[str], None] | None = None):
@@ -235,22 +221,6 @@ def _split_pairs(root: Path, cfg: DataConfig) -> dict[str, list[tuple[Path, Path
                 raise CnnkitError(f"data.{name} {given} has no image and mask folders")
             out[name] = list_pairs(*pair)
     return out
-
-
-def read_class_names(root: Path) -> list[str] | None:
-    """Names from classes.txt (a line each) or classes.json (a list), else None."""
-    text_file, json_file = root / "classes.txt", root / "classes.json"
-    if text_file.is_file():
-        names = [line.strip() for line in text_file.read_text().splitlines() if line.strip()]
-    elif json_file.is_file():
-        names = json.loads(json_file.read_text())
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise CnnkitError(f"{json_file} must hold a list of class names")
-    else:
-        return None
-    if len(names) < 2:
-        raise CnnkitError(f"{root}: a class file must name at least 2 classes, got {names}")
-    return names
 
 
 def _all_gray(paths: list[Path]) -> bool:
