@@ -8,6 +8,7 @@ import base64
 import copy
 import io
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -189,3 +190,18 @@ def test_page_shows_the_mask_overlay(shapes_run, seg_server, tmp_path, chromium)
     labels = page.locator("#bars .label").all_inner_texts()
     assert size == [24, 24] and sorted(labels) == sorted(SHAPES)
     assert page.locator("#title").inner_text() == "cnnkit segmentation"
+
+
+def test_lone_model_file_exports_against_given_pairs(shapes_run, tmp_path):
+    """A model file outside its run checks parity on --data pairs, decoded at the model's input
+    size and normalised as it trained (another size here: 30x30 images)."""
+    lone = tmp_path / "model.safetensors"
+    shutil.copy(shapes_run / "model.safetensors", lone)
+    with pytest.raises(CnnkitError, match="--data"):
+        export_mod.export(lone, "torchscript")
+    pairs = make_shapes(tmp_path / "pairs", 5, side=30, seed=11)
+    result = export_mod.export(lone, "torchscript", data_source=str(pairs))
+    assert result.parity.passed and result.parity.images == 5
+    assert result.parity.pixels == 5 * 24 * 24 and result.path == tmp_path / "model.torchscript.pt"
+    score = cnnkit.evaluate(result.path, str(pairs), device="cpu")
+    assert score["images"] == 5 and 0.0 < score["miou"] <= 1.0
