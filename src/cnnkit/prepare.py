@@ -151,8 +151,7 @@ def build_data(cfg: Config):
     dd = distributed.current()
     if dd.enabled and dd.local_rank != 0:
         distributed.barrier()  # wait for this machine's first process to fill the cache
-    build = masks.build if cfg.train.task == "segmentation" else data.build
-    splits = build(cfg.data, seed=cfg.train.seed, note=_data_note())
+    splits = masks.build_splits(cfg.data, cfg.train.task, cfg.train.seed, _data_note())
     if dd.enabled and dd.local_rank == 0:
         distributed.barrier()
     return splits

@@ -13,7 +13,11 @@ from cnnkit.cli.common import DEBUG
 
 def doctor(
     data: Annotated[
-        Path, typer.Argument(help="Image folder: <class>/* or train|val|test/<class>/*.")
+        Path,
+        typer.Argument(
+            help="Image folder: <class>/* or train|val|test/<class>/*; or images/ + masks/ "
+            "(segmentation pairs, also per split)."
+        ),
     ],
     workers: Annotated[
         int | None, typer.Option(help="Decoding processes; default: one per CPU.")
@@ -28,10 +32,13 @@ def doctor(
     ] = None,
     debug: Annotated[bool, DEBUG] = False,
 ) -> None:
-    """Decode every image and report bad files, odd modes, class counts and duplicates."""
+    """Decode every image and report bad files, odd modes, class counts and duplicates; for
+    image/mask pairs also missing and orphan masks, size and value errors, class pixel shares."""
     from cnnkit.data.doctor import scan, summary
+    from cnnkit.data.doctor_pairs import is_pair_folder, scan_pairs
 
-    report = scan(data, workers=workers, cache_dir=cache_dir)
+    check = scan_pairs if is_pair_folder(data) else scan
+    report = check(data, workers=workers, cache_dir=cache_dir)
     print(json.dumps(report.to_dict(), indent=2) if as_json else summary(report))
     if not report.ok:
         raise typer.Exit(1)

@@ -71,6 +71,7 @@ class Report:
     exact_duplicates: list = field(default_factory=list)  # {"a", "b", "cross_split"}
     near_duplicates: list = field(default_factory=list)  # {"a", "b", "cross_split", "bits"}
     balance: str = "none"  # suggested --balance
+    pixels: dict = field(default_factory=dict)  # image/mask pairs: split -> {class: pixel share}
 
     @property
     def leaks(self) -> list[dict]:
@@ -275,19 +276,28 @@ def scan(
     images = _walk(root, report)  # {path: (split, class)}
     results, report.cached = inspect_files(list(images), workers, cache_dir=cache_dir)
     report.images = len(images)
+    file_findings(results, report)
+    _count_classes(images, results, report)
+    find_duplicates(results, {p: images[p][0] for p in results}, report)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def file_findings(results: dict, report: Report) -> None:
+    """Each file's decode error or warnings (``inspect_files`` results) into ``report``."""
     for path, rec in results.items():
         if "error" in rec:
             report.errors.append(Finding(path, rec["kind"], rec["error"]))
         else:
             report.warnings.extend(_file_warnings(path, rec["facts"]))
-    _count_classes(images, results, report)
-    splits = {p: images[p][0] for p in results}
+
+
+def find_duplicates(results: dict, splits: dict[str, str], report: Report) -> None:
+    """Exact and near duplicates among ``results`` (``splits``: path -> split) into ``report``."""
     report.exact_duplicates = duplicates.exact(results, splits)
     exact = {(d["a"], d["b"]) for d in report.exact_duplicates}
     near = duplicates.near(results, splits, NEAR_BITS)
     report.near_duplicates = [d for d in near if (d["a"], d["b"]) not in exact]
-    report.seconds = time.perf_counter() - start
-    return report
 
 
 def _walk(root: Path, report: Report) -> dict[str, tuple[str, str]]:
@@ -362,6 +372,10 @@ def summary(report: Report) -> str:
     for split, counts in report.classes.items():
         ratio = report.imbalance.get(split)
         tail = f", imbalance {ratio:.1f}" if ratio else ""
+        if split in report.pixels:  # pairs: counts are images holding the class
+            shares = ", ".join(f"{c} {100 * v:.1f}%" for c, v in report.pixels[split].items())
+            lines.append(f"  {split}: {len(counts)} classes, pixels {shares}{tail}")
+            continue
         lines.append(f"  {split}: {sum(counts.values())} images, {len(counts)} classes{tail}")
     lines += _section("errors", [f"{f.kind}: {f.message}" for f in report.errors])  # names it
     leaks = [f"{p['a']} <-> {p['b']}" for p in report.leaks]

@@ -38,15 +38,25 @@ from cnnkit.config import DataConfig
 from cnnkit.data import augment
 from cnnkit.data.augment import Augment
 from cnnkit.data.batchaug import BATCHED_OPS
-from cnnkit.data.images import GRAY_MODES, decode, image_info, list_images, load_mask, mode_for
-from cnnkit.data.readers import VAL_DIRS, stratified_split
+from cnnkit.data.images import GRAY_MODES, decode, image_info, load_mask, mode_for
+from cnnkit.data.readers import (  # noqa: F401 - the pair layout, re-exported for callers
+    BINARY_CLASSES,
+    PAIR_DIRS,
+    VAL_DIRS,
+    is_mask_source,
+    match_pairs,
+    pair_dirs,
+    read_class_names,
+    stratified_split,
+)
 from cnnkit.data.splits import Splits
+from cnnkit.data.splits import build as build_classes
+from cnnkit.data.splits import build_eval as build_classes_eval
 from cnnkit.data.transforms import make_preprocessing
 from cnnkit.errors import CnnkitError
 
-PAIR_DIRS = (("images", "masks"), ("image", "label"), ("images", "labels"), ("image", "mask"))
-BINARY_CLASSES = ["background", "foreground"]
 IGNORE = 255  # stored mask value of ignored pixels (the loss and metrics skip it)
+OVERLAY_ALPHA = 0.5  # weight of the class colour over the image in overlays
 
 
 class MaskDataset(Dataset):
@@ -82,42 +92,21 @@ class MaskDataset(Dataset):
         return MaskDataset(self.images, self.masks, self.paths, mean, std)
 
 
-def pair_dirs(folder: Path, cfg: DataConfig) -> tuple[Path, Path] | None:
-    """(image folder, mask folder) inside ``folder``, or None when it has no such pair."""
-    pairs = PAIR_DIRS
-    if cfg.image_dir or cfg.mask_dir:
-        pairs = ((cfg.image_dir or "images", cfg.mask_dir or "masks"),)
-    for images, masks in pairs:
-        if (folder / images).is_dir() and (folder / masks).is_dir():
-            return folder / images, folder / masks
-    return None
-
-
-def is_mask_source(cfg: DataConfig) -> bool:
-    """True when ``cfg.source`` is a folder of image and mask folders (at its root or in
-    train/): what makes ``cnnkit train DATA`` a segmentation run."""
-    root = Path(cfg.source).expanduser()
-    return root.is_dir() and any(pair_dirs(f, cfg) for f in (root, root / "train"))
-
-
 def list_pairs(images: Path, masks: Path) -> list[tuple[Path, Path]]:
     """(image, mask) files matched by stem; an image without its mask is an error."""
-    by_stem: dict[str, Path] = {}
-    for mask in list_images(masks):
-        if mask.stem in by_stem:
-            raise CnnkitError(f"two masks for stem '{mask.stem}': {by_stem[mask.stem]}, {mask}")
-        by_stem[mask.stem] = mask
-    pairs = []
-    for image in list_images(images):
-        if image.stem not in by_stem:
-            raise CnnkitError(
-                f"no mask for image {image}: masks are matched by file stem, and {masks} has "
-                f"no {image.stem}.*"
-            )
-        pairs.append((image, by_stem[image.stem]))
-    if not pairs:
+    found = match_pairs(images, masks)
+    if found.doubles:
+        first, second = found.doubles[0]
+        raise CnnkitError(f"two masks for stem '{second.stem}': {first}, {second}")
+    if found.missing:
+        image = found.missing[0]
+        raise CnnkitError(
+            f"no mask for image {image}: masks are matched by file stem, and {masks} has "
+            f"no {image.stem}.*"
+        )
+    if not found.pairs:
         raise CnnkitError(f"no images in {images}")
-    return pairs
+    return found.pairs
 
 
 def build(cfg: DataConfig, seed: int, note: Callable[[str], None] | None = None):
@@ -162,6 +151,34 @@ def build(cfg: DataConfig, seed: int, note: Callable[[str], None] | None = None)
     )
 
 
+def build_eval(source: str, classes: list[str], preprocessing: dict) -> MaskDataset:
+    """The labelled pairs of ``source`` to score a trained model on: its test/ pairs, else its
+    val/ pairs, else those at its root; decoded at the model's input size, checked against its
+    ``classes`` (0/255 masks when it has two) and normalised as the model was trained."""
+    root = Path(source).expanduser()
+    listed = _split_pairs(root, DataConfig(source=str(root)))
+    pairs = listed.get("test") or listed.get("val") or listed["train"]
+    size = tuple(preprocessing["input_size"])
+    decoded = _decode_pairs(pairs, preprocessing["in_chans"], size)
+    binary = len(classes) == 2 and _binary([decoded[1]])
+    checked = _checked_masks(decoded, classes, IGNORE, binary)
+    mean, std = preprocessing["mean"], preprocessing["std"]
+    return MaskDataset(decoded[0], checked, [p for p, _ in pairs], mean, std)
+
+
+def eval_data(source: str, meta: dict):
+    """``source`` as labelled data for the model whose file metadata is ``meta``: pairs
+    (``build_eval``) for a segmentation model, else ``splits.build_eval``."""
+    if meta.get("task") == "segmentation":
+        return build_eval(source, meta["classes"], meta["preprocessing"])
+    return build_classes_eval(source, meta["classes"], meta["preprocessing"])
+
+
+def build_splits(cfg: DataConfig, task: str, seed: int, note=None) -> Splits:
+    """The ``Splits`` of a run's data: ``build`` here for segmentation, ``splits.build`` else."""
+    return (build if task == "segmentation" else build_classes)(cfg, seed=seed, note=note)
+
+
 def resolve_augment(cfg: DataConfig, size: tuple[int, int]) -> Augment:
     """The train ``Augment`` of a segmentation run: the ops that move pixels (random scale and
     crop, shift, flips) are applied to the masks too; cutout only to the images. Ops with no
@@ -204,22 +221,6 @@ def _split_pairs(root: Path, cfg: DataConfig) -> dict[str, list[tuple[Path, Path
                 raise CnnkitError(f"data.{name} {given} has no image and mask folders")
             out[name] = list_pairs(*pair)
     return out
-
-
-def read_class_names(root: Path) -> list[str] | None:
-    """Names from classes.txt (a line each) or classes.json (a list), else None."""
-    text_file, json_file = root / "classes.txt", root / "classes.json"
-    if text_file.is_file():
-        names = [line.strip() for line in text_file.read_text().splitlines() if line.strip()]
-    elif json_file.is_file():
-        names = json.loads(json_file.read_text())
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise CnnkitError(f"{json_file} must hold a list of class names")
-    else:
-        return None
-    if len(names) < 2:
-        raise CnnkitError(f"{root}: a class file must name at least 2 classes, got {names}")
-    return names
 
 
 def _all_gray(paths: list[Path]) -> bool:
@@ -313,3 +314,27 @@ def _fingerprint(listed: dict, classes, ignore: int, size) -> str:
                 stat = path.stat()
                 h.update(f"{name}|{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
+
+
+def voc_palette() -> list[int]:
+    """256 RGB colours, PASCAL VOC's: the bits of the class index spread over R, G and B."""
+    colours = []
+    for index in range(256):
+        r = g = b = 0
+        c = index
+        for shift in range(7, -1, -1):
+            r |= (c & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        colours += [r, g, b]
+    return colours
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+    """An image (H, W, 3) uint8 with each pixel's class colour (``voc_palette``) blended over it;
+    ignored pixels (IGNORE) keep the image's own colour. ``mask``: (H, W) class indices."""
+    colours = np.asarray(voc_palette(), dtype=np.float32).reshape(256, 3)[mask]
+    weight = np.where(mask == IGNORE, 0.0, alpha)[..., None]
+    blended = (1 - weight) * image.astype(np.float32) + weight * colours
+    return blended.round().astype(np.uint8)

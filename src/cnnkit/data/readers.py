@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnkit.config import DataConfig
 from cnnkit.data.images import IMAGE_EXTENSIONS, file_stat, is_junk, list_images, scan_images
 from cnnkit.errors import CnnkitError
 
@@ -266,3 +268,74 @@ def short(names: Sequence[str], limit: int = 8) -> str:
     """``[a, b, ...]``: up to ``limit`` names for an error message."""
     shown = ", ".join(map(str, names[:limit]))
     return f"[{shown}{', ...' if len(names) > limit else ''}]"
+
+
+# ---------------------------------------------------------------------------------------------
+# Image and mask folders (segmentation; decoded by cnnkit.data.masks, checked by the doctor)
+
+PAIR_DIRS = (("images", "masks"), ("image", "label"), ("images", "labels"), ("image", "mask"))
+BINARY_CLASSES = ["background", "foreground"]
+
+
+@dataclass
+class Pairs:
+    """Image and mask files of two folders matched by file stem."""
+
+    pairs: list[tuple[Path, Path]]  # (image, mask), in image order
+    missing: list[Path]  # images without a mask
+    orphans: list[Path]  # masks without an image
+    doubles: list[tuple[Path, Path]]  # two masks with one stem: (the one kept, the other)
+
+
+def pair_dirs(folder: Path, cfg: DataConfig) -> tuple[Path, Path] | None:
+    """(image folder, mask folder) inside ``folder``, or None when it has no such pair."""
+    pairs = PAIR_DIRS
+    if cfg.image_dir or cfg.mask_dir:
+        pairs = ((cfg.image_dir or "images", cfg.mask_dir or "masks"),)
+    for images, masks in pairs:
+        if (folder / images).is_dir() and (folder / masks).is_dir():
+            return folder / images, folder / masks
+    return None
+
+
+def is_mask_source(cfg: DataConfig) -> bool:
+    """True when ``cfg.source`` is a folder of image and mask folders (at its root or in
+    train/): what makes ``cnnkit train DATA`` a segmentation run."""
+    root = Path(cfg.source).expanduser()
+    return root.is_dir() and any(pair_dirs(f, cfg) for f in (root, root / "train"))
+
+
+def match_pairs(images: Path, masks: Path) -> Pairs:
+    """The files of ``images`` and ``masks`` (``list_images`` of each) matched by stem."""
+    by_stem: dict[str, Path] = {}
+    doubles = []
+    for mask in list_images(masks):
+        if mask.stem in by_stem:
+            doubles.append((by_stem[mask.stem], mask))
+        else:
+            by_stem[mask.stem] = mask
+    pairs, missing, used = [], [], set()
+    for image in list_images(images):
+        if image.stem in by_stem:
+            pairs.append((image, by_stem[image.stem]))
+            used.add(image.stem)
+        else:
+            missing.append(image)
+    orphans = [mask for stem, mask in by_stem.items() if stem not in used]
+    return Pairs(pairs, missing, orphans, doubles)
+
+
+def read_class_names(root: Path) -> list[str] | None:
+    """Names from classes.txt (a line each) or classes.json (a list), else None."""
+    text_file, json_file = root / "classes.txt", root / "classes.json"
+    if text_file.is_file():
+        names = [line.strip() for line in text_file.read_text().splitlines() if line.strip()]
+    elif json_file.is_file():
+        names = json.loads(json_file.read_text())
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise CnnkitError(f"{json_file} must hold a list of class names")
+    else:
+        return None
+    if len(names) < 2:
+        raise CnnkitError(f"{root}: a class file must name at least 2 classes, got {names}")
+    return names

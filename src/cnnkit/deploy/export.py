@@ -7,6 +7,9 @@ on real images, and only then moved into place (a failed check leaves no file be
   (max |logit| of the reference); fp32 formats must stay within ``FP32_TOLERANCE``;
 - top-1 agreement with the PyTorch model over the whole validation split: 100% for fp32 formats,
   at least ``INT8_MIN_AGREEMENT`` for int8; plus both accuracies, so the int8 cost is printed.
+  A segmentation model is compared per pixel (its argmax class maps; accuracy over the pixels
+  that are not ignored): fp32 formats must agree on at least ``DENSE_MIN_AGREEMENT`` of them, as
+  a near-tie between two classes somewhere in 10^5 pixels may flip under any reordering of sums.
 
 int8 is onnxruntime's static post-training quantization (QDQ, per-channel int8 weights, uint8
 activations, MinMax ranges from training images). Weights use 7 bits (``reduce_range``): CPUs
@@ -39,6 +42,7 @@ from torch import nn
 
 from cnnkit import data
 from cnnkit.config import load
+from cnnkit.data import masks
 from cnnkit.deploy.formats import (
     TORCHSCRIPT_META,
     load_exported,
@@ -52,6 +56,7 @@ from cnnkit.modelfile import model_path
 
 FP32_TOLERANCE = 1e-4  # max |logit diff| / max |logit|, fp32 formats
 INT8_MIN_AGREEMENT = 0.99  # top-1 agreement with the fp32 model on the validation split
+DENSE_MIN_AGREEMENT = 0.999  # per-pixel agreement of fp32 formats, segmentation
 OPSET = (
     20  # newest opset of torch's TorchScript-based ONNX exporter (the dynamo one needs onnxscript)
 )
@@ -66,10 +71,11 @@ class Parity:
 
     max_abs_diff: float  # on LOGIT_BATCH real images
     logit_scale: float  # max |logit| of the reference on the same images
-    agreement: float  # top-1 agreement on the validation split, 0..1
+    agreement: float  # top-1 agreement on the validation split (per pixel: segmentation), 0..1
     images: int  # validation images compared
     acc_reference: float | None  # accuracy of the PyTorch model (None without labels)
     acc_exported: float | None
+    pixels: int | None = None  # segmentation: pixels compared (agreement is per pixel)
     passed: bool = False
     problems: list[str] = field(default_factory=list)
 
@@ -78,15 +84,19 @@ class Parity:
         return self.max_abs_diff / max(self.logit_scale, 1e-12)
 
     def describe(self) -> str:
+        unit, share = ("top-1", ".2%") if self.pixels is None else ("per-pixel", ".3%")
         text = (
             f"max |logit diff| {self.max_abs_diff:.3g} ({self.relative_diff:.2g} of the logit "
-            f"scale {self.logit_scale:.3g}); top-1 agreement {self.agreement:.2%} on "
+            f"scale {self.logit_scale:.3g}); {unit} agreement {self.agreement:{share}} on "
             f"{self.images} validation images"
         )
+        if self.pixels is not None:
+            text += f" ({self.pixels} pixels)"
         if self.acc_reference is not None:
             change = 100 * (self.acc_exported - self.acc_reference)
+            what = "accuracy" if self.pixels is None else "pixel accuracy"
             text += (
-                f"; accuracy {self.acc_reference:.2%} -> {self.acc_exported:.2%} "
+                f"; {what} {self.acc_reference:.2%} -> {self.acc_exported:.2%} "
                 f"({change:+.2f} points)"
             )
         return text
@@ -162,7 +172,7 @@ def parity_data(
 
     pre = meta["preprocessing"]
     if data_source is not None:
-        val = data.build_eval(data_source, meta["classes"], pre)
+        val = masks.eval_data(data_source, meta)
         return ParityData(val, _limit(val, max_val_images, pre), str(data_source))
     run_dir = source.parent
     if not (run_dir / "config.yaml").is_file():
@@ -171,10 +181,12 @@ def parity_data(
             "pass --data with labelled images (folder of class subfolders, CSV or built-in)"
         )
     cfg = load(run_dir / "config.yaml")
-    splits = data.build(cfg.data, seed=cfg.train.seed)
+    splits = masks.build_splits(cfg.data, cfg.train.task, cfg.train.seed)
     val, name = (splits.val, "val") if splits.val is not None else (splits.test, "test")
     if val is None:
         raise CnnkitError(f"run {run_dir} has no val or test split; pass --data for the check")
+    if isinstance(val, masks.MaskDataset):  # decoded at the input size, never augmented
+        return ParityData(splits.train, _limit(val, max_val_images, pre), f"{run_dir} ({name})")
     transform, mode = data.eval_transform(pre), data.image_mode(pre)
     train = splits.train.with_transform(transform, mode)  # no augmentation for calibration
     val = val.with_transform(transform, mode)
@@ -188,6 +200,8 @@ def _limit(dataset, count: int | None, pre: dict):
     if count is None or count >= len(dataset):
         return dataset
     picks = np.linspace(0, len(dataset) - 1, max(count, 1)).round().astype(int).tolist()
+    if isinstance(dataset, masks.MaskDataset):
+        return dataset.subset(picks)
     return dataset.subset(picks).with_transform(data.eval_transform(pre), data.image_mode(pre))
 
 
@@ -208,7 +222,8 @@ def write_onnx(model: nn.Module, path: Path) -> None:
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
         )
     proto = onnx.load(str(path))
-    proto.doc_string = f"cnnkit {model.meta['arch']} classifier; preprocessing in metadata"
+    task = model.meta.get("task", "classification")
+    proto.doc_string = f"cnnkit {model.meta['arch']} ({task}); preprocessing in metadata"
     for key, value in onnx_metadata(model.meta).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
@@ -311,26 +326,31 @@ WRITERS = {
 def check_parity(reference: nn.Module, exported: nn.Module, images: ParityData, fmt: str) -> Parity:
     """Compare ``exported`` with ``reference`` on real images; sets ``passed`` and ``problems``."""
 
+    dense = isinstance(images.validation, masks.MaskDataset)  # targets: masks (B, H, W)
     loader = data.make_loader(images.validation, LOGIT_BATCH, train=False, seed=0, num_workers=0)
-    agree = correct_ref = correct_exp = seen = 0
+    agree = correct_ref = correct_exp = seen = compared = labelled = 0
     max_diff = scale = 0.0
     for step, (x, y) in enumerate(loader):
         ref, got = reference(x).float(), exported(x).float()
         if step == 0:  # the logit comparison: one batch is enough to see numeric drift
             max_diff = (ref - got).abs().max().item()
             scale = ref.abs().max().item()
-        agree += (ref.argmax(1) == got.argmax(1)).sum().item()
-        correct_ref += (ref.argmax(1) == y).sum().item()
-        correct_exp += (got.argmax(1) == y).sum().item()
-        seen += len(y)
-    seen = max(seen, 1)
+        ref_top, got_top = ref.argmax(1), got.argmax(1)
+        valid = y != masks.IGNORE if dense else torch.ones_like(y, dtype=torch.bool)
+        agree += (ref_top == got_top).sum().item()
+        correct_ref += ((ref_top == y) & valid).sum().item()
+        correct_exp += ((got_top == y) & valid).sum().item()
+        seen, compared = seen + len(y), compared + y.numel()
+        labelled += valid.sum().item()
+    compared, labelled = max(compared, 1), max(labelled, 1)
     parity = Parity(
         max_abs_diff=max_diff,
         logit_scale=scale,
-        agreement=agree / seen,
+        agreement=agree / compared,
         images=seen,
-        acc_reference=correct_ref / seen,
-        acc_exported=correct_exp / seen,
+        acc_reference=correct_ref / labelled,
+        acc_exported=correct_exp / labelled,
+        pixels=compared if dense else None,
     )
     _judge(parity, fmt)
     return parity
@@ -343,7 +363,9 @@ def _judge(parity: Parity, fmt: str) -> None:
     else:
         if parity.relative_diff > FP32_TOLERANCE:
             parity.problems.append(f"logits differ by more than {FP32_TOLERANCE:g} of their scale")
-        if parity.agreement < 1.0:
+        if parity.pixels is not None and parity.agreement < DENSE_MIN_AGREEMENT:
+            parity.problems.append(f"per-pixel agreement below {DENSE_MIN_AGREEMENT:.1%}")
+        elif parity.pixels is None and parity.agreement < 1.0:
             parity.problems.append("top-1 differs from the PyTorch model on some images")
     parity.passed = not parity.problems
 

@@ -21,6 +21,7 @@ from torchvision.transforms.v2 import functional as TF
 from cnnkit import tasks
 from cnnkit.data import load_image
 from cnnkit.data.images import list_images
+from cnnkit.data.masks import overlay, voc_palette
 from cnnkit.data.transforms import eval_transform, image_mode
 from cnnkit.deploy.formats import load_model
 from cnnkit.engine import runtime
@@ -37,24 +38,18 @@ def palette_png(mask: np.ndarray) -> bytes:
     the class indices, viewers show VOC's colours (class 0 black, 1 dark red, 2 green...)."""
     image = Image.fromarray(mask.astype(np.uint8), mode="P")
     image.putpalette(voc_palette())
+    return _png(image)
+
+
+def overlay_png(image: Image.Image, mask: np.ndarray) -> bytes:
+    """PNG bytes of ``image`` with the class colours of ``mask`` (H, W) blended over it."""
+    return _png(Image.fromarray(overlay(np.asarray(image.convert("RGB")), mask)))
+
+
+def _png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def voc_palette() -> list[int]:
-    """256 RGB colours, PASCAL VOC's: the bits of the class index spread over R, G and B."""
-    colours = []
-    for index in range(256):
-        r = g = b = 0
-        c = index
-        for shift in range(7, -1, -1):
-            r |= (c & 1) << shift
-            g |= ((c >> 1) & 1) << shift
-            b |= ((c >> 2) & 1) << shift
-            c >>= 3
-        colours += [r, g, b]
-    return colours
 
 
 def predict(
@@ -184,16 +179,21 @@ class Predictor:
                 results.append(self._segmented(item, image.size, small, start + offset, mask_dir))
         return results
 
-    def _segmented(self, item, size, small: torch.Tensor, index: int, mask_dir) -> dict:
+    def full_mask(self, small: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """A class map at the model's input size (h, w) as uint8 at an image's ``size`` (width,
+        height), nearest-resized: class indices stay class indices."""
         width, height = size
-        full = TF.resize(small[None].to(torch.uint8), [height, width], NEAREST)[0]
-        counts = torch.bincount(full.flatten().long(), minlength=len(self.classes)).tolist()
+        return TF.resize(small[None].to(torch.uint8), [height, width], NEAREST)[0]
+
+    def fractions(self, mask: torch.Tensor) -> dict[str, float]:
+        """Each class's share of the pixels of a class map."""
+        counts = torch.bincount(mask.flatten().long(), minlength=len(self.classes)).tolist()
+        return {c: n / mask.numel() for c, n in zip(self.classes, counts, strict=True)}
+
+    def _segmented(self, item, size, small: torch.Tensor, index: int, mask_dir) -> dict:
+        full = self.full_mask(small, size)
         name = item if isinstance(item, str) else "<image>"
-        out = {
-            "input": name,
-            "size": [width, height],
-            "fractions": {c: n / full.numel() for c, n in zip(self.classes, counts, strict=True)},
-        }
+        out = {"input": name, "size": list(size), "fractions": self.fractions(full)}
         if mask_dir is not None:
             stem = Path(item).stem if isinstance(item, str) else f"image-{index}"
             path = Path(mask_dir) / f"{stem}.png"

@@ -2,8 +2,16 @@
 
 Routes: ``POST /predict`` (multipart files, any field name, or one raw image as the body; returns
 ``{"results": [{"name", "top": [{"class", "index", "prob"}]}]}``), ``GET /health``,
-``GET /metadata`` and ``GET /`` (a page to drop an image on). The model is loaded once at start;
-nothing a request says can make the server open a file.
+``GET /metadata`` (``task`` says which answer ``/predict`` gives) and ``GET /`` (a page to drop an
+image on). The model is loaded once at start; nothing a request says can make the server open a
+file.
+
+A segmentation model answers each image with ``{"name", "size": [w, h], "fractions": {class:
+share of the pixels}, "mask_png": <base64 PNG>}``: the mask at the image's own size, a palette
+PNG whose pixel values are the class indices (``predictor.palette_png``); ``?overlay=true`` adds
+``"overlay_png"``, the class colours over the image (the page shows it). ``?format=png`` answers
+one posted image with the mask PNG itself (``image/png``), e.g. ``curl --data-binary @in.jpg
+'http://127.0.0.1:8000/predict?format=png' -o mask.png``.
 
 Every refusal is an answer, never a crash, and is decided as early as it can be:
 401 bad/missing bearer token -> 503 too many requests pending (``max_pending``) -> 413 body over
@@ -18,6 +26,7 @@ Grad-CAM: when the explain feature exists, add its overlay to each result as
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import secrets
 from dataclasses import asdict, dataclass
@@ -25,13 +34,13 @@ from importlib import resources
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from cnnkit.deploy.batching import MicroBatcher
-from cnnkit.deploy.predictor import Predictor
+from cnnkit.deploy.predictor import Predictor, overlay_png, palette_png
 from cnnkit.deploy.upload import UploadError, decode_checked, open_checked
 
 # Requests with at most this many pixels are decoded on the event loop (~0.1 ms for 32x32 PNGs);
@@ -72,14 +81,27 @@ def create_app(predictor: Predictor, cfg: ServeConfig) -> FastAPI:
         return server.refuse_token(request) or server.metadata()
 
     @app.post("/predict")
-    async def predict(request: Request, top_k: int | None = None):
-        return server.refuse_token(request) or await server.predict(request, top_k)
+    async def predict(
+        request: Request, top_k: int | None = None, format: str = "json", overlay: bool = False
+    ):
+        answer = Answer(top_k, format, overlay)
+        return server.refuse_token(request) or await server.predict(request, answer)
 
     return app
 
 
 def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a /predict request asked for: ``top_k`` classes (classification), ``format`` json or
+    png (segmentation: the mask PNG of one image), ``overlay`` (segmentation, JSON)."""
+
+    top_k: int | None = None
+    format: str = "json"
+    overlay: bool = False
 
 
 class _Server:
@@ -109,6 +131,7 @@ class _Server:
         meta = self.predictor.meta
         keys = ("arch", "classes", "input_size", "in_chans", "mean", "std", "preprocessing")
         info = {k: meta[k] for k in keys if k in meta}
+        info["task"] = self.predictor.task.name
         info["cnnkit_version"] = meta.get("cnnkit_version")
         info["runtime"] = type(self.predictor.model).__name__
         info["limits"] = {k: v for k, v in asdict(self.cfg).items() if k != "token"}
@@ -122,13 +145,13 @@ class _Server:
             return None
         return error(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
 
-    async def predict(self, request: Request, top_k: int | None) -> JSONResponse:
+    async def predict(self, request: Request, answer: Answer) -> Response:
         if self.pending >= self.cfg.max_pending:
             return error(503, f"server busy: {self.pending} requests pending; retry shortly")
         self.pending += 1
         self.requests += 1
         deadline = asyncio.get_running_loop().time() + self.cfg.timeout_s
-        work = asyncio.ensure_future(self._answer(request, top_k, deadline))
+        work = asyncio.ensure_future(self._answer(request, answer, deadline))
         work.add_done_callback(self._release)
         try:
             return await asyncio.wait_for(asyncio.shield(work), self.cfg.timeout_s)
@@ -140,22 +163,48 @@ class _Server:
         if not work.cancelled():
             work.exception()  # retrieved: a timed-out request's late error is not news
 
-    async def _answer(self, request: Request, top_k: int | None, deadline: float) -> JSONResponse:
+    async def _answer(self, request: Request, answer: Answer, deadline: float) -> Response:
+        dense = self.predictor.task.name == "segmentation"
         try:
+            if answer.format not in ("json", "png") or (answer.format == "png" and not dense):
+                raise UploadError(400, f"format={answer.format}: use json (or png: segmentation)")
             files = await self._files(request)
+            if answer.format == "png" and len(files) > 1:
+                raise UploadError(
+                    400, f"format=png answers one image; this request has {len(files)}"
+                )
             images = self._open_all(files)
             names = [name for name, _ in files]
             if sum(img.width * img.height for img in images) <= INLINE_PIXELS:
-                batch = self._preprocess(images, names)  # cheaper than a thread hop
+                batch, decoded = self._preprocess(images, names)  # cheaper than a thread hop
             else:
-                batch = await run_in_threadpool(self._preprocess, images, names)
+                batch, decoded = await run_in_threadpool(self._preprocess, images, names)
             if asyncio.get_running_loop().time() > deadline:
                 return error(504, "timed out")  # the caller has its 504; spare the model
             probs = await self.batcher.submit(batch)
         except UploadError as e:
             return error(e.status, e.message)
-        tops = self.predictor.top(probs, top_k or self.cfg.top_k)
+        if dense:  # PNG encoding takes milliseconds per large image: off the event loop
+            return await run_in_threadpool(self._masks, probs, decoded, names, answer)
+        tops = self.predictor.top(probs, answer.top_k or self.cfg.top_k)
         results = [{"name": name, "top": top} for (name, _), top in zip(files, tops, strict=True)]
+        return JSONResponse({"results": results})
+
+    def _masks(self, probs: torch.Tensor, images: list, names: list[str], answer: Answer):
+        """Segmentation answers: each image's mask at its own size (see the module docstring)."""
+        predictor = self.predictor
+        maps = predictor.task.predict(probs, predictor.classes, 1)
+        results = []
+        for name, image, small in zip(names, images, maps, strict=True):
+            mask = predictor.full_mask(small, image.size).numpy()
+            if answer.format == "png":
+                return Response(palette_png(mask), media_type="image/png")
+            result = {"name": name, "size": list(image.size)}
+            result["fractions"] = predictor.fractions(torch.from_numpy(mask))
+            result["mask_png"] = base64.b64encode(palette_png(mask)).decode()
+            if answer.overlay:
+                result["overlay_png"] = base64.b64encode(overlay_png(image, mask)).decode()
+            results.append(result)
         return JSONResponse({"results": results})
 
     def _open_all(self, files: list[tuple[str, bytes]]) -> list:
@@ -170,8 +219,9 @@ class _Server:
             raise
         return images
 
-    def _preprocess(self, images: list, names: list[str]) -> torch.Tensor:
-        """Decode (first frame) and preprocess in a worker thread: (n, C, H, W)."""
+    def _preprocess(self, images: list, names: list[str]) -> tuple[torch.Tensor, list]:
+        """Decode (first frame) and preprocess in a worker thread: (n, C, H, W), and the decoded
+        images (a segmentation answer is at their size, its overlay over them)."""
         try:
             decoded = [
                 decode_checked(img, name, self.predictor.mode)
@@ -180,7 +230,7 @@ class _Server:
         finally:
             for img in images:
                 img.close()
-        return torch.stack([self.predictor.preprocess(img) for img in decoded])
+        return torch.stack([self.predictor.preprocess(img) for img in decoded]), decoded
 
     async def _files(self, request: Request) -> list[tuple[str, bytes]]:
         """(name, bytes) of each image: the parts of a multipart form, or the raw body."""

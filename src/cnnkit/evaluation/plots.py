@@ -60,20 +60,21 @@ def overlay(image: np.ndarray, cam: torch.Tensor, side: int = CAM_SIDE) -> np.nd
     return (blended * 255).round().astype(np.uint8)
 
 
-def training_curves(rows: list[dict]) -> Figure:
-    """Loss, accuracy and learning rate per epoch, from the rows of metrics.csv."""
+def training_curves(rows: list[dict], metric: str = "acc", title: str = "accuracy") -> Figure:
+    """Loss, ``metric`` (a metrics.csv field after train_/val_) and learning rate per epoch,
+    from the rows of metrics.csv."""
     epochs = [r["epoch"] for r in rows]
     fig = Figure(figsize=(12, 3.4))
     loss, acc, lr = fig.subplots(1, 3)
-    for ax, keys, title in (
+    for ax, keys, name in (
         (loss, ("train_loss", "val_loss"), "loss"),
-        (acc, ("train_acc", "val_acc"), "accuracy"),
+        (acc, (f"train_{metric}", f"val_{metric}"), title),
     ):
         for key in keys:
-            values = [r[key] for r in rows]
+            values = [r.get(key, math.nan) for r in rows]
             if not all(math.isnan(v) for v in values):
                 ax.plot(epochs, values, marker=".", label=key.split("_")[0])
-        ax.set_title(title)
+        ax.set_title(name)
         ax.legend()
         ax.grid(alpha=0.3)
     lr.plot(epochs, [r["lr"] for r in rows], marker=".")
@@ -126,6 +127,24 @@ def _annotate(ax, values: np.ndarray, fmt: str) -> None:
         if value:
             color = "white" if value > high / 2 else "black"
             ax.text(j, i, format(value, fmt), ha="center", va="center", fontsize=7, color=color)
+
+
+def class_bars(classes: list[str], values: list[float], title: str) -> Figure:
+    """One horizontal bar per class (0..1, value written at its end); NaN: "absent"."""
+    fig = Figure(figsize=(6.5, max(1.6, 0.28 * len(classes) + 0.9)))
+    ax = fig.subplots()
+    rows = range(len(classes))
+    ax.barh(rows, [0.0 if math.isnan(v) else v for v in values], color="C0")
+    for row, value in zip(rows, values, strict=True):
+        text = "absent" if math.isnan(value) else f"{value:.3f}"
+        ax.text(0.01 if math.isnan(value) else value + 0.01, row, text, va="center", fontsize=8)
+    ax.set_yticks(list(rows), [name[:18] for name in classes], fontsize=8)
+    ax.invert_yaxis()  # first class on top, as in the table
+    ax.set_xlim(0, 1.12)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="x")
+    _margins(fig, left=1.4, right=0.2, bottom=0.4, top=0.35)
+    return fig
 
 
 def reliability_figure(calibration: dict) -> Figure:

@@ -8,6 +8,12 @@ ECE), the most confidently wrong images, Grad-CAM overlays for a few images per 
 summary, the run's config and its environment. Figures are PNGs written next to the report and
 embedded in it as data: URIs, so the HTML opens offline with no external file or script. The
 page is rendered from the Jinja2 template ``templates/report.html.j2`` (package data).
+
+What differs by task is one entry of ``SECTIONS``: a function that scores the split and draws the
+task's figures, and a template that extends ``report_base.html.j2`` (the curves, model, config
+and environment sections every report has). Segmentation's live in ``report_segmentation``. The
+drawing stays here, not in ``cnnkit.tasks``: tasks sit below the evaluation layer and must not
+import matplotlib; what a figure needs from the task (per-image mIoU, its metrics) comes from it.
 """
 
 from __future__ import annotations
@@ -27,21 +33,26 @@ import torchvision
 import yaml
 from torch import nn
 
-from cnnkit import __version__
-from cnnkit.config import DataConfig
+from cnnkit import __version__, tasks
+from cnnkit.config import DataConfig, load
 from cnnkit.data.memory import run_loader
 from cnnkit.engine import runtime
 from cnnkit.errors import CnnkitError
 from cnnkit.evaluation import plots
 from cnnkit.evaluation.gradcam import compute_cams
 from cnnkit.evaluation.metrics import from_logits
+from cnnkit.evaluation.report_segmentation import FIGURE_NAMES as SEGMENTATION_FIGURES
+from cnnkit.evaluation.report_segmentation import sections as segmentation_sections
 from cnnkit.fileio import atomic_write_bytes
 from cnnkit.models import model_info
 
 REPORT_FILE = "report.html"
 METRICS_FILE = "metrics.csv"
 MODEL_FILE = "model.safetensors"
-FIGURE_NAMES = {"curves.png", "confusion.png", "reliability.png", "mistakes.png", "gradcam.png"}
+FIGURE_NAMES = {
+    "curves.png", "confusion.png", "reliability.png", "mistakes.png", "gradcam.png",
+    *SEGMENTATION_FIGURES,
+}  # fmt: skip
 MISTAKES = 18  # most confidently wrong images shown
 CAM_CLASSES = 12  # classes with Grad-CAM overlays (the worst by F1 when there are more)
 CAM_PER_CLASS = 2
@@ -114,34 +125,58 @@ def write_report(
     if getattr(model, "meta", None) is None:
         raise CnnkitError("write_report needs a model from cnnkit.load_model (it carries .meta)")
     model = model.to(rt.device, memory_format=rt.memory_format).eval()
-    logits, labels = collect_logits(model, dataset, rt, batch_size, data_cfg or DataConfig())
     meta = model.meta
-    metrics = from_logits(logits, labels, meta["classes"])
+    task = run_task(meta, run_dir)
+    draw, template = SECTIONS[task.name]
     figures = Figures()
-    context = {
-        "run": run_dir.resolve().name,
-        "split": split,
-        "metrics": metrics,
-        "worst_first": sorted(metrics["per_class"], key=lambda r: (r["f1"], r["recall"])),
-        "curves": figures.add("curves.png", plots.training_curves(history)),
-        "confusion": _confusion(figures, metrics),
-        "reliability": figures.add(
-            "reliability.png", plots.reliability_figure(metrics["calibration"])
-        ),
-        "mistakes": _mistakes(figures, dataset, logits, labels, meta),
-        "gradcam": _gradcam(figures, model, dataset, labels, metrics, rt),
-        "model": _model_summary(model, meta, rt.device),
-        "config": _config_text(run_dir),
-        "environment": _environment(rt, meta, history, run_dir),
-    }
+    context = {"run": run_dir.resolve().name, "split": split}
+    context.update(draw(figures, model, dataset, rt, batch_size, data_cfg or DataConfig(), task))
+    curves = plots.training_curves(history, *CURVES[task.name])
+    context["curves"] = figures.add("curves.png", curves)
+    context["model"] = _model_summary(model, meta, rt.device)
+    context["config"] = _config_text(run_dir)
+    context["environment"] = _environment(rt, meta, history, run_dir)
     context["environment"]["report time"] = f"{time.perf_counter() - started:.1f} s"
-    html = render(context, figures)
+    html = render(context, figures, template)
     for name, data in figures.png.items():
         atomic_write_bytes(out / name, data)
     for stale in FIGURE_NAMES - figures.png.keys():  # e.g. mistakes.png once nothing is wrong
         (out / stale).unlink(missing_ok=True)
     atomic_write_bytes(out / REPORT_FILE, html.encode())
     return out / REPORT_FILE
+
+
+def run_task(meta: dict, run_dir: Path) -> tasks.Task:
+    """The task the model file names, with the run's own settings (its loss weights) when the
+    run folder has its config."""
+    task = tasks.get(meta.get("task", "classification"))
+    config = run_dir / "config.yaml"
+    return task.configured(load(config).train) if config.is_file() else task
+
+
+def _classification(figures: Figures, model, dataset, rt, batch_size, data_cfg, task) -> dict:
+    """The classification sections: every image's logits kept, then metrics and figures."""
+    logits, labels = collect_logits(model, dataset, rt, batch_size, data_cfg)
+    meta = model.meta
+    metrics = from_logits(logits, labels, meta["classes"])
+    return {
+        "metrics": metrics,
+        "worst_first": sorted(metrics["per_class"], key=lambda r: (r["f1"], r["recall"])),
+        "confusion": _confusion(figures, metrics),
+        "reliability": figures.add(
+            "reliability.png", plots.reliability_figure(metrics["calibration"])
+        ),
+        "mistakes": _mistakes(figures, dataset, logits, labels, meta),
+        "gradcam": _gradcam(figures, model, dataset, labels, metrics, rt),
+    }
+
+
+# task -> (its sections, its template); templates extend report_base.html.j2
+SECTIONS = {
+    "classification": (_classification, "report.html.j2"),
+    "segmentation": (segmentation_sections, "report_segmentation.html.j2"),
+}
+CURVES = {"classification": ("acc", "accuracy"), "segmentation": ("miou", "mIoU")}
 
 
 @torch.inference_mode()
@@ -321,7 +356,7 @@ def _duration(seconds: float) -> str:
     return f"{minutes} min {secs} s" if minutes else f"{seconds:.1f} s"
 
 
-def render(context: dict, figures: Figures) -> str:
+def render(context: dict, figures: Figures, template: str = "report.html.j2") -> str:
     """The HTML page from the package's Jinja2 template; ``img(name)`` embeds a figure."""
     from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
@@ -330,5 +365,4 @@ def render(context: dict, figures: Figures) -> str:
         autoescape=select_autoescape(["html", "j2"]),
         undefined=StrictUndefined,
     )
-    template = env.get_template("report.html.j2")
-    return template.render(**context, img=figures.data_uri)
+    return env.get_template(template).render(**context, img=figures.data_uri)

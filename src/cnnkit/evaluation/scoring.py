@@ -12,8 +12,9 @@ from pathlib import Path
 
 from torch import nn
 
-from cnnkit import data, tasks
+from cnnkit import tasks
 from cnnkit.config import DataConfig, load
+from cnnkit.data import masks
 from cnnkit.data.memory import run_loader
 from cnnkit.deploy.formats import load_model
 from cnnkit.engine import runtime
@@ -85,8 +86,7 @@ def report(
 def eval_dataset(run_or_model: str | Path, model: nn.Module, data_source: str | None):
     """(dataset, split name): ``data_source`` mapped to the model's classes, else the run's own."""
     if data_source is not None:
-        meta = model.meta
-        return data.build_eval(data_source, meta["classes"], meta["preprocessing"]), data_source
+        return masks.eval_data(data_source, model.meta), data_source
     return _own_split(run_folder_of(run_or_model))
 
 
@@ -94,7 +94,7 @@ def _own_split(run_dir: Path):
     if not run_dir.is_dir() or not (run_dir / "config.yaml").is_file():
         raise CnnkitError(f"{run_dir} is not a run folder; give the DATA to evaluate on")
     cfg = load(run_dir / "config.yaml")
-    splits = data.build(cfg.data, seed=cfg.train.seed)
+    splits = masks.build_splits(cfg.data, cfg.train.task, cfg.train.seed)
     if splits.test is not None:
         return splits.test, "test"
     if splits.val is not None:

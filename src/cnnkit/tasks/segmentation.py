@@ -115,13 +115,28 @@ def scores(confusion: torch.Tensor) -> dict:
     }
 
 
+def image_miou(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Each image's mIoU (B,) over the classes in its truth or prediction, ignored pixels left
+    out (NaN for an image with no valid pixel); on the device, without a host sync."""
+    b, k = outputs.shape[:2]
+    cell = k * k + 1  # one confusion matrix per image plus a bin for ignored pixels
+    pixels = torch.where(targets != IGNORE, targets * k + outputs.argmax(1), k * k)
+    pixels = pixels + torch.arange(b, device=targets.device).view(b, 1, 1) * cell
+    cm = torch.bincount(pixels.flatten(), minlength=b * cell).view(b, cell)[:, : k * k]
+    cm = cm.view(b, k, k).double()
+    tp = cm.diagonal(dim1=1, dim2=2)
+    union = cm.sum(2) + cm.sum(1) - tp
+    iou = tp / union.clamp(min=1)
+    present = (union > 0).sum(1)
+    return torch.where(present > 0, (iou * (union > 0)).sum(1) / present.clamp(min=1), torch.nan)
+
+
 class Segmentation(Task):
     name = "segmentation"
     target = "mask of class indices"
     train_fields = ("loss", "miou", "pixel_acc")
     val_fields = ("loss", "miou", "dice", "pixel_acc")
     shown = ("train_loss", "train_miou", "val_loss", "val_miou", "val_pixel_acc")
-    reports = False  # report.html is classification's for now
 
     def __init__(self, ce_weight: float = 1.0, dice_weight: float = 1.0) -> None:
         self.ce_weight, self.dice_weight = ce_weight, dice_weight

@@ -1,0 +1,106 @@
+"""The report's sections for a segmentation run (``report.write_report`` picks them by task).
+
+One pass over the split with the task's own metrics (the pixel confusion matrix summed on the
+device) that also keeps each image's mIoU, then: headline mIoU/Dice/pixel accuracy, per-class IoU
+(bars and a table with Dice and each class's share of the pixels), the pixel confusion matrix,
+prediction against truth overlaid on the first images, and the images with the lowest mIoU.
+Only the images shown are predicted a second time: the pass keeps no logits, so the report of a
+large split needs no more memory than its validation does.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cnnkit.data.masks import overlay
+from cnnkit.data.memory import run_loader
+from cnnkit.engine.loop import evaluate
+from cnnkit.evaluation import plots
+from cnnkit.tasks.segmentation import Segmentation, SegmentationMetrics, image_miou
+
+FIGURE_NAMES = {"curves.png", "iou.png", "confusion.png", "overlays.png", "worst.png"}
+OVERLAYS = 6  # first images of the split shown as image | truth | prediction
+WORST = 6  # images with the lowest mIoU shown the same way
+FILE_NAME_CHARS = 22  # a longer file name in a caption is cut in the middle
+
+
+class _PerImage(SegmentationMetrics):
+    """The task's metrics, also keeping each image's mIoU (on the device until the end)."""
+
+    def __init__(self, num_classes: int, device: torch.device) -> None:
+        super().__init__(num_classes, device, full=True)
+        self.images: list[torch.Tensor] = []
+
+    def update(self, loss: torch.Tensor, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        super().update(loss, outputs, targets)
+        self.images.append(image_miou(outputs, targets))
+
+
+def sections(figures, model, dataset, rt, batch_size: int, data_cfg, task: Segmentation) -> dict:
+    """The template context of the segmentation sections; figures are added to ``figures``."""
+    meta = model.meta
+    classes, pre = meta["classes"], meta["preprocessing"]
+    loader = run_loader(
+        dataset, pre, None, data_cfg, batch_size, train=False, seed=0, device=rt.device,
+        memory_format=rt.memory_format,
+    )  # fmt: skip
+    metrics = _PerImage(len(classes), rt.device)
+    raw = evaluate(model, loader, rt, metrics, task.loss(0.0, None))
+    per_image = torch.cat(metrics.images).cpu() if metrics.images else torch.empty(0)
+    summary = task.summarize(raw, classes)
+    total = max(sum(r["pixels"] for r in summary["per_class"]), 1)
+    rows = [{**r, "share": r["pixels"] / total} for r in summary["per_class"]]
+    iou = [r["iou"] for r in rows]
+    confusion = np.asarray(summary["confusion"])
+    first = list(range(min(OVERLAYS, len(dataset))))
+    worst = _worst(per_image, WORST)
+    return {
+        "metrics": summary,
+        "rows": rows,
+        "iou": figures.add("iou.png", plots.class_bars(classes, iou, "IoU per class")),
+        "confusion": figures.add(
+            "confusion.png",
+            plots.confusion_figure(confusion, classes, plots.confusion_classes(confusion)),
+        ),
+        "overlays": _overlays(figures, "overlays.png", model, dataset, first, per_image, rt),
+        "worst": _overlays(figures, "worst.png", model, dataset, worst, per_image, rt),
+        "worst_count": len(worst),
+    }
+
+
+def _worst(per_image: torch.Tensor, count: int) -> list[int]:
+    """Indices of the ``count`` images with the lowest mIoU (images with no valid pixel last)."""
+    scores = torch.nan_to_num(per_image.double(), nan=math.inf)
+    return scores.argsort(stable=True)[:count].tolist()
+
+
+@torch.inference_mode()
+def _overlays(figures, name: str, model, dataset, indices, per_image, rt) -> str | None:
+    """Image, truth and prediction (class colours over the image) for each of ``indices``."""
+    if not indices:
+        return None
+    pre = model.meta["preprocessing"]
+    batch = torch.stack([dataset[i][0] for i in indices])
+    with rt.autocast():
+        logits = model(rt.to_device(batch))
+    predicted = logits.float().argmax(1).cpu().numpy()
+    tiles, captions = [], []
+    for j, i in enumerate(indices):
+        image = (plots.display_image(batch[j], pre["mean"], pre["std"]) * 255).round()
+        image = image.astype(np.uint8)
+        truth = dataset[i][1].numpy()
+        tiles += [image, overlay(image, truth), overlay(image, predicted[j])]
+        score = float(per_image[i]) if len(per_image) > i else math.nan
+        captions += [_caption(dataset, i), "truth", f"prediction\nmIoU {score:.3f}"]
+    return figures.add(name, plots.image_grid(tiles, captions, cols=6))
+
+
+def _caption(dataset, index: int) -> str:
+    paths = getattr(dataset, "paths", None)
+    if paths is None:
+        return f"image {index}"
+    return plots.shorten(Path(paths[index]).name, FILE_NAME_CHARS)
