@@ -274,8 +274,10 @@ def _fit_in(
     start = time.perf_counter()
     test, split_name = _final_eval(run_dir, splits, cfg, rt, template) if main else (None, None)
     result.timings["final_eval"] = time.perf_counter() - start
+    start = time.perf_counter()
     if cfg.train.report and main and tasks.get(cfg.train.task).reports:
         _report_after_training(run_dir, splits, split_name, cfg, rt, template)
+    result.timings["report"] = time.perf_counter() - start
     distributed.barrier()
     return TrainResult(run_dir=run_dir, fit=result, test=test, test_split=split_name)
 
