@@ -30,6 +30,7 @@ from cifar10 import (
     reference_data,
     reference_run,
     run_once,
+    timed,
     warm_up,
 )
 
@@ -96,13 +97,7 @@ def wrap_iter(owner, name: str) -> None:
     original = owner.__iter__
 
     def __iter__(self):
-        iterator = original(self)
-        while True:
-            with phase(name):
-                item = next(iterator, None)
-            if item is None:
-                return
-            yield item
+        return timed(original(self), phase, name)
 
     owner.__iter__ = __iter__
 

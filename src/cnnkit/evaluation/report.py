@@ -35,6 +35,7 @@ from cnnkit.errors import CnnkitError
 from cnnkit.evaluation import plots
 from cnnkit.evaluation.gradcam import compute_cams
 from cnnkit.evaluation.metrics import from_logits
+from cnnkit.evaluation.tta import with_tta
 from cnnkit.fileio import atomic_write_bytes
 from cnnkit.models import model_info
 
@@ -99,12 +100,17 @@ def write_report(
     out_dir: str | Path | None = None,
     batch_size: int = 256,
     data_cfg: DataConfig | None = None,
+    tta: str = "none",
+    outputs: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Path:
     """Score ``model`` (from ``cnnkit.load_model``) on ``dataset`` and write the report of the
     run in ``run_dir`` into ``out_dir`` (default: the run folder); returns the HTML's path.
     ``rt``: the runtime to score with (the training run's, or ``runtime.for_model``).
 
-    ``data_cfg``: loader settings (workers, decode cache); default ``DataConfig()``.
+    ``data_cfg``: loader settings (workers, decode cache); default ``DataConfig()``. ``tta``:
+    the test-time augmentation of the scores (``evaluation.tta``). ``outputs``: (logits (N, K),
+    labels (N,)) of ``dataset`` already scored that way (the end of training passes its final
+    score's), so the split is not run through the model again.
     """
     started = time.perf_counter()
     run_dir = Path(run_dir)
@@ -114,13 +120,16 @@ def write_report(
     if getattr(model, "meta", None) is None:
         raise CnnkitError("write_report needs a model from cnnkit.load_model (it carries .meta)")
     model = model.to(rt.device, memory_format=rt.memory_format).eval()
-    logits, labels = collect_logits(model, dataset, rt, batch_size, data_cfg or DataConfig())
+    if outputs is None:
+        outputs = collect_logits(model, dataset, rt, batch_size, data_cfg or DataConfig(), tta)
+    logits, labels = outputs
     meta = model.meta
     metrics = from_logits(logits, labels, meta["classes"])
     figures = Figures()
     context = {
         "run": run_dir.resolve().name,
         "split": split,
+        "tta": tta,
         "metrics": metrics,
         "worst_first": sorted(metrics["per_class"], key=lambda r: (r["f1"], r["recall"])),
         "curves": figures.add("curves.png", plots.training_curves(history)),
@@ -145,9 +154,13 @@ def write_report(
 
 
 @torch.inference_mode()
-def collect_logits(model: nn.Module, dataset, rt, batch_size: int, data_cfg: DataConfig):
-    """(logits (N, K) float32, labels (N,)) on the CPU, in dataset order."""
+def collect_logits(
+    model: nn.Module, dataset, rt, batch_size: int, data_cfg: DataConfig, tta: str = "none"
+):
+    """(logits (N, K) float32, labels (N,)) on the CPU, in dataset order; averaged over the
+    views of ``tta``."""
     pre = model.meta["preprocessing"]
+    model = with_tta(model, tta)
     loader = run_loader(
         dataset, pre, None, data_cfg, batch_size, train=False, seed=0, device=rt.device,
         memory_format=rt.memory_format,
