@@ -396,6 +396,10 @@ def test_speedrun_recipe_learns_digits(tmp_path, capsys):
     assert result.test["tta"] == "flip_translate"
     assert result.fit.timings["init_from_data"] > 0
     assert len(result.fit.history) == 5
+    # the report shows the final score's TTA predictions (reused, not a second plain pass)
+    html = " ".join((result.run_dir / "report.html").read_text().split())
+    assert "scored with test-time augmentation (flip_translate)" in html
+    assert f"{result.test['acc']:.4f}" in html
 
 
 @pytest.mark.parametrize("recipe", ["speedrun", "airbench94"])

@@ -272,10 +272,14 @@ def _fit_in(
             print(f"\ninterrupted; continue with: cnnkit train --resume {run_dir}")
         raise
     start = time.perf_counter()
-    test, split_name = _final_eval(run_dir, splits, cfg, rt, template) if main else (None, None)
+    test, split_name, outputs = (None, None, None)
+    if main:
+        test, split_name, outputs = _final_eval(run_dir, splits, cfg, rt, template)
     result.timings["final_eval"] = time.perf_counter() - start
+    start = time.perf_counter()
     if cfg.train.report and main and tasks.get(cfg.train.task).reports:
-        _report_after_training(run_dir, splits, split_name, cfg, rt, template)
+        _report_after_training(run_dir, splits, split_name, cfg, rt, template, outputs)
+    result.timings["report"] = time.perf_counter() - start
     distributed.barrier()
     return TrainResult(run_dir=run_dir, fit=result, test=test, test_split=split_name)
 
@@ -289,16 +293,23 @@ def _list_skipped(run_dir: Path, skipped: list) -> None:
 
 def _final_eval(
     run_dir: Path, splits, cfg: Config, rt: runtime.Runtime, template: nn.Module | None = None
-) -> tuple[dict | None, str | None]:
-    """Score the saved best weights on the test split (val when there is none); saved as JSON."""
+) -> tuple[dict | None, str | None, tuple | None]:
+    """Score the saved best weights on the test split (val when there is none); saved as JSON.
+    Also returns the scored (outputs, targets), which the report reuses."""
     dataset, name = (splits.test, "test") if splits.test is not None else (splits.val, "val")
     if dataset is None:
-        return None, None
+        return None, None, None
     model = load_model(run_dir / MODEL_FILE, str(rt.device), copy.deepcopy(template))
     task = tasks.get(cfg.train.task).configured(cfg.train)  # the loss the run validated with
-    metrics = score(model, dataset, cfg.data.batch_size, rt, cfg.data, cfg.train.tta, task)
+    # only a report's split is kept: a segmentation split's outputs would be (N, K, H, W)
+    kept: list | None = [] if cfg.train.report and cfg.train.task == "classification" else None
+    metrics = score(
+        model, dataset, cfg.data.batch_size, rt, cfg.data, cfg.train.tta, task, keep=kept
+    )
     atomic_write_bytes(run_dir / f"{name}_metrics.json", json.dumps(metrics, indent=2).encode())
-    return metrics, name
+    if not kept:
+        return metrics, name, None
+    return metrics, name, (torch.cat([o for o, _ in kept]), torch.cat([t for _, t in kept]))
 
 
 def _report_after_training(
@@ -308,8 +319,10 @@ def _report_after_training(
     cfg: Config,
     rt: runtime.Runtime,
     template: nn.Module | None = None,
+    outputs: tuple | None = None,
 ) -> None:
-    """report.html and its figures; a failure here must not cost the user the trained run."""
+    """report.html and its figures; a failure here must not cost the user the trained run.
+    ``outputs``: the final score's (logits, labels) of the split, reused for the figures."""
     if split is None:
         print("note: no test or validation split to report on; no report.html written")
         return
@@ -317,8 +330,9 @@ def _report_after_training(
     try:
         model = load_model(run_dir / MODEL_FILE, str(rt.device), copy.deepcopy(template))
         path = write_report(
-            run_dir, model, dataset, split, rt, batch_size=cfg.data.batch_size, data_cfg=cfg.data
-        )
+            run_dir, model, dataset, split, rt, batch_size=cfg.data.batch_size,
+            data_cfg=cfg.data, tta=cfg.train.tta, outputs=outputs,
+        )  # fmt: skip
     except Exception as e:  # noqa: BLE001 - the model is saved; say how to retry
         print(f"note: report not written ({type(e).__name__}: {e}); retry: cnnkit report {run_dir}")
         return

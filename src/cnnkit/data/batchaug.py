@@ -215,30 +215,17 @@ def _shift(
 ) -> torch.Tensor:
     """Crop (H, W) at offset ``shift`` (B, 2) = (dy, dx) in [0, 2 pad] from the padded batch.
 
-    On the GPU one gather does it. On the CPU a gather with a 4-d index is slow, so images are
-    grouped by offset: one slice copy per row offset, then one per column offset (2 (2 pad + 1)
-    copies of subsets, whatever the batch size)."""
-    b, c, h, w = x.shape
+    The padded batch's (2 pad + 1)^2 windows are a view (``unfold``); one index picks each
+    image's window, on any device. On one CPU thread, uint8 (1024, 3, 32, 32), pad 2: 2.6 ms,
+    against 5.9 ms for slice copies of the images grouped by offset."""
+    _, _, h, w = x.shape
     if mode == "reflect":
         padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
     else:  # ``fill``: 0 for images, the ignore value for masks
         padded = F.pad(x, (pad, pad, pad, pad), value=fill)
-    dev = x.device
-    if dev.type != "cpu":
-        rows = shift[:, 0, None] + torch.arange(h, device=dev)  # (B, H)
-        cols = shift[:, 1, None] + torch.arange(w, device=dev)  # (B, W)
-        batch = torch.arange(b, device=dev)[:, None, None, None]
-        chan = torch.arange(c, device=dev)[None, :, None, None]
-        return padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
-    tall = torch.empty((b, c, h, w + 2 * pad), dtype=x.dtype)
-    for dy in shift[:, 0].unique().tolist():
-        sel = (shift[:, 0] == dy).nonzero()[:, 0]
-        tall.index_copy_(0, sel, padded.index_select(0, sel)[:, :, dy : dy + h])
-    out = torch.empty_like(x)
-    for dx in shift[:, 1].unique().tolist():
-        sel = (shift[:, 1] == dx).nonzero()[:, 0]
-        out.index_copy_(0, sel, tall.index_select(0, sel)[:, :, :, dx : dx + w])
-    return out
+    windows = padded.unfold(2, h, 1).unfold(3, w, 1)  # (B, C, 2 pad + 1, 2 pad + 1, H, W)
+    batch = torch.arange(x.shape[0], device=x.device)
+    return windows[batch, :, shift[:, 0], shift[:, 1]]  # (B, C, H, W)
 
 
 def _cutout(x: torch.Tensor, centre: torch.Tensor, size: int) -> torch.Tensor:

@@ -61,7 +61,7 @@ class FitResult:
     epochs_done: int
     stopped_early: bool
     model: nn.Module | None = None  # the trained module with its last weights (not the best)
-    timings: dict = field(default_factory=dict)  # seconds: init_from_data; api adds final_eval
+    timings: dict = field(default_factory=dict)  # s: init_from_data (+ final_eval, report)
 
 
 def fit(

@@ -253,13 +253,23 @@ def _clip(model: nn.Module, max_norm: float | None) -> None:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader, rt: Runtime, metrics: Metrics, loss_fn: nn.Module) -> dict:
+def evaluate(
+    model: nn.Module,
+    loader,
+    rt: Runtime,
+    metrics: Metrics,
+    loss_fn: nn.Module,
+    keep: list | None = None,
+) -> dict:
     """One pass over ``loader`` without gradients; the task's ``metrics`` summary (this process's
-    data only: validation reads the whole split in every process)."""
+    data only: validation reads the whole split in every process). ``keep``: a list to append
+    each batch's (float32 outputs, targets) to, on the CPU (the report reuses them)."""
     model.eval()
     for images, labels in loader:
         images, labels = rt.to_device(images), labels.to(rt.device, non_blocking=True)
         with rt.autocast():
             outputs = model(images).float()
         metrics.update(loss_fn(outputs, labels), outputs, labels)
+        if keep is not None:
+            keep.append((outputs.cpu(), labels.cpu()))
     return metrics.summary(metrics.sums())

@@ -43,6 +43,7 @@ from cnnkit.evaluation.gradcam import compute_cams
 from cnnkit.evaluation.metrics import from_logits
 from cnnkit.evaluation.report_segmentation import FIGURE_NAMES as SEGMENTATION_FIGURES
 from cnnkit.evaluation.report_segmentation import sections as segmentation_sections
+from cnnkit.evaluation.tta import with_tta
 from cnnkit.fileio import atomic_write_bytes
 from cnnkit.models import model_info
 
@@ -110,12 +111,17 @@ def write_report(
     out_dir: str | Path | None = None,
     batch_size: int = 256,
     data_cfg: DataConfig | None = None,
+    tta: str = "none",
+    outputs: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Path:
     """Score ``model`` (from ``cnnkit.load_model``) on ``dataset`` and write the report of the
     run in ``run_dir`` into ``out_dir`` (default: the run folder); returns the HTML's path.
     ``rt``: the runtime to score with (the training run's, or ``runtime.for_model``).
 
-    ``data_cfg``: loader settings (workers, decode cache); default ``DataConfig()``.
+    ``data_cfg``: loader settings (workers, decode cache); default ``DataConfig()``. ``tta``:
+    the test-time augmentation of the scores (``evaluation.tta``). ``outputs``: (logits (N, K),
+    labels (N,)) of ``dataset`` already scored that way (the end of training passes its final
+    score's), so the split is not run through the model again.
     """
     started = time.perf_counter()
     run_dir = Path(run_dir)
@@ -129,8 +135,14 @@ def write_report(
     task = run_task(meta, run_dir)
     draw, template = SECTIONS[task.name]
     figures = Figures()
-    context = {"run": run_dir.resolve().name, "split": split}
-    context.update(draw(figures, model, dataset, rt, batch_size, data_cfg or DataConfig(), task))
+    context = {"run": run_dir.resolve().name, "split": split, "tta": tta}
+    data_cfg = data_cfg or DataConfig()
+    if task.name == "classification":
+        if outputs is None:
+            outputs = collect_logits(model, dataset, rt, batch_size, data_cfg, tta)
+        context.update(_classification(figures, model, dataset, rt, outputs))
+    else:
+        context.update(draw(figures, model, dataset, rt, batch_size, data_cfg, task))
     curves = plots.training_curves(history, *CURVES[task.name])
     context["curves"] = figures.add("curves.png", curves)
     context["model"] = _model_summary(model, meta, rt.device)
@@ -154,9 +166,9 @@ def run_task(meta: dict, run_dir: Path) -> tasks.Task:
     return task.configured(load(config).train) if config.is_file() else task
 
 
-def _classification(figures: Figures, model, dataset, rt, batch_size, data_cfg, task) -> dict:
-    """The classification sections: every image's logits kept, then metrics and figures."""
-    logits, labels = collect_logits(model, dataset, rt, batch_size, data_cfg)
+def _classification(figures: Figures, model, dataset, rt, outputs: tuple) -> dict:
+    """The classification sections from every image's (logits, labels): metrics and figures."""
+    logits, labels = outputs
     meta = model.meta
     metrics = from_logits(logits, labels, meta["classes"])
     return {
@@ -171,7 +183,8 @@ def _classification(figures: Figures, model, dataset, rt, batch_size, data_cfg, 
     }
 
 
-# task -> (its sections, its template); templates extend report_base.html.j2
+# task -> (its sections, its template); templates extend report_base.html.j2. Classification's
+# sections take the split's logits (scored once, with the run's TTA, often by the final score)
 SECTIONS = {
     "classification": (_classification, "report.html.j2"),
     "segmentation": (segmentation_sections, "report_segmentation.html.j2"),
@@ -180,9 +193,13 @@ CURVES = {"classification": ("acc", "accuracy"), "segmentation": ("miou", "mIoU"
 
 
 @torch.inference_mode()
-def collect_logits(model: nn.Module, dataset, rt, batch_size: int, data_cfg: DataConfig):
-    """(logits (N, K) float32, labels (N,)) on the CPU, in dataset order."""
+def collect_logits(
+    model: nn.Module, dataset, rt, batch_size: int, data_cfg: DataConfig, tta: str = "none"
+):
+    """(logits (N, K) float32, labels (N,)) on the CPU, in dataset order; averaged over the
+    views of ``tta``."""
     pre = model.meta["preprocessing"]
+    model = with_tta(model, tta)
     loader = run_loader(
         dataset, pre, None, data_cfg, batch_size, train=False, seed=0, device=rt.device,
         memory_format=rt.memory_format,

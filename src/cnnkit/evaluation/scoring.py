@@ -66,20 +66,25 @@ def report(
     device: str = "auto",
     num_workers: int | None = None,
     precision: str | None = None,
+    tta: str | None = None,
 ) -> Path:
     """(Re)build a run's ``report.html`` and PNG figures; returns the HTML's path.
 
     Scored on ``data_source`` when given, else on the run's own test (else val) split; written
-    to ``out_dir`` (default: the run folder); ``precision`` as for ``evaluate``.
+    to ``out_dir`` (default: the run folder); ``precision`` as for ``evaluate``; ``tta``: test-
+    time augmentation, by default the run's own (``train.tta``), as its end of training scored.
     """
     run_dir = Path(run_dir)
     check_run(run_dir)
     model = load_model(run_dir, device=device)
     rt = runtime.for_model(model.meta, device, precision)
     dataset, split = eval_dataset(run_dir, model, data_source)
+    config = run_dir / "config.yaml"
+    if tta is None:
+        tta = load(config).train.tta if config.is_file() else "none"
     return write_report(
-        run_dir, model, dataset, split, rt, out_dir=out_dir,
-        batch_size=batch_size, data_cfg=DataConfig(num_workers=num_workers),
+        run_dir, model, dataset, split, rt, out_dir=out_dir, batch_size=batch_size,
+        data_cfg=DataConfig(num_workers=num_workers), tta=check_mode(tta),
     )  # fmt: skip
 
 
@@ -112,10 +117,12 @@ def score(
     data_cfg: DataConfig,
     tta: str = "none",
     task: tasks.Task | None = None,
+    keep: list | None = None,
 ) -> dict:
     """Metrics of ``model`` (with ``.meta``) on ``dataset``, computed on ``rt``; the dict names the
     precision it was computed in. ``task``: the run's configured task (its loss weights); by
-    default the one the model file names, with default settings."""
+    default the one the model file names, with default settings. ``keep``: a list that gets
+    each batch's (outputs, targets), as ``engine.loop.evaluate`` says."""
     model = model.to(rt.device, memory_format=rt.memory_format)
     loader = run_loader(
         dataset,
@@ -132,7 +139,7 @@ def score(
     task = task or tasks.get(model.meta.get("task", "classification"))
     raw = evaluate_loader(
         with_tta(model, tta), loader, rt, task.metrics(len(classes), rt.device, train=False),
-        task.loss(0.0, None),
+        task.loss(0.0, None), keep,
     )  # fmt: skip
     metrics = task.summarize(raw, classes)
     metrics["precision"] = rt.precision
