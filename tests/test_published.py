@@ -30,7 +30,8 @@ def caches(monkeypatch, tmp_path):
     """Empty torch hub and HF caches; downloads allowed (no CI), to URLs the test sets."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    for var in ("CI", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+    unset = ("CI", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "XDG_CACHE_HOME")
+    for var in (*unset, "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):  # loopback direct
         monkeypatch.delenv(var, raising=False)
     return tmp_path
 

@@ -166,6 +166,8 @@ def _probe(url: str) -> None:
         try:
             urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=PROBE_S)
             outcome.append(None)
+        except urllib.error.HTTPError as e:  # it answered; some servers refuse HEAD itself
+            outcome.append(None if e.code in (405, 501) else e)
         except Exception as e:  # noqa: BLE001 - re-raised in the caller's thread
             outcome.append(e)
 
