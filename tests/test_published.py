@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 
 import cnnkit
 from cnnkit.models import published
-from cnnkit.prepare import build_model, resolve_auto_model
+from cnnkit.models.adapters import IMAGENET_MEAN
+from cnnkit.prepare import build_model, match_pretrained_normalisation, resolve_auto_model
 from test_auto import photo_folder
 
 TV_FILE = torchvision.models.ResNet18_Weights.DEFAULT.url.rsplit("/", 1)[1]
@@ -51,11 +52,14 @@ def hf_snapshot(name: str, filename: str, state: dict):
 
 
 def auto_model(folder, **options):
-    """Resolve model auto for ``folder`` (what a run prints first) and build the model."""
+    """Resolve model auto for ``folder`` (what a run prints first), build the model and take
+    the normalisation of its weights, as a run does."""
     cfg = cnnkit.config.resolve(str(folder), **options)
     choice = resolve_auto_model(cfg, "cpu")
     splits = cnnkit.data.build(cfg.data, seed=0)
-    return cfg, choice, build_model(cfg, splits)
+    model = build_model(cfg, splits)
+    match_pretrained_normalisation(cfg, splits, model)
+    return cfg, choice, model
 
 
 @pytest.mark.parametrize("filename", ["model.safetensors", "pytorch_model.bin"])
@@ -72,7 +76,7 @@ def test_timm_weights_in_the_hf_cache_are_found_and_loaded(caches, filename, mon
     loaded = model.state_dict()
     assert all(torch.equal(loaded[f"model.{k}"], v) for k, v in saved.items() if "fc." not in k)
     assert loaded["model.fc.weight"].shape == (2, 512)  # a fresh head for the 2 classes
-    assert cfg.train.freeze_epochs == 1 and cfg.data.mean is None  # set when data is rebuilt
+    assert cfg.train.freeze_epochs == 1 and cfg.data.mean == pytest.approx(IMAGENET_MEAN)
 
 
 def test_the_torch_hub_cache_comes_first_and_no_timm_skips_the_hf_cache(caches, monkeypatch):
