@@ -77,14 +77,17 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["sgd", "adamw"] = "sgd"  # sgd: Nesterov momentum
+    # sgd: Nesterov momentum; muon: Muon for the conv filters, Nesterov SGD for the rest
+    name: Literal["sgd", "adamw", "muon"] = "sgd"
     lr: float | Literal["auto"] | None = None  # None: 0.1 per 256 images for sgd, 1e-3 adamw;
     # "auto": the lr finder's suggestion (cnnkit.evaluation.lr_finder), saved as a number
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float | None = None  # None: 5e-4 for sgd, 0.05 for adamw; never on norm/bias
     betas: list = field(default_factory=lambda: [0.9, 0.999])
-    scheduler: Literal["onecycle", "cosine", "step", "plateau", "constant", "triangle"] = "onecycle"
+    scheduler: Literal[
+        "onecycle", "cosine", "step", "plateau", "constant", "triangle", "linear"
+    ] = "onecycle"  # fmt: skip
     warmup_epochs: float = 1.0  # cosine: linear warmup length
     step_size: int = 30  # step: epochs between decays
     gamma: float = 0.1  # step/plateau: decay factor
@@ -94,13 +97,19 @@ class OptimConfig:
     # from being wrecked by the new head's large early gradients (model auto, pretrained: 0.1)
     body_lr_mult: float = 1.0
     decoupled_wd: bool = False  # sgd: weight_decay is the shrink per step at peak lr, whatever lr
+    muon_lr: float = 0.24  # muon: lr of the conv filters (their norm is held fixed)
+    muon_momentum: float = 0.6  # muon: Nesterov momentum of the conv filters
+    # speedrun_net: train the whitening layer's bias only for this many epochs, its lr (norm-bias
+    # lr) falling to 0 by then (airbench94_muon: 3 of 8); None: trained all run at the base lr
+    whiten_bias_epochs: float | None = None
 
 
 @dataclass
 class TrainConfig:
     # what is learned (cnnkit.tasks); a source of image and mask folders trains segmentation
     task: Literal["classification", "segmentation"] = "classification"
-    recipe: Literal["default", "speedrun"] = "default"  # a preset under your own settings
+    # a preset under your own settings (cnnkit.recipes)
+    recipe: Literal["default", "speedrun", "airbench94"] = "default"
     epochs: int = 20
     seed: int = 0
     deterministic: bool = False  # deterministic kernels (slower on GPU)
@@ -115,6 +124,10 @@ class TrainConfig:
     lookahead: bool = False  # every lookahead_every steps pull the weights toward a slow average
     lookahead_every: int = 5
     tta: Literal["none", "flip", "flip_translate"] = "none"  # final test score: mean of views
+    # progressive resizing: the first epochs train on batches resized down to this fraction of
+    # data.input_size, growing to the full size by progressive_epochs of the run (1.0: off)
+    progressive_min: float = 1.0
+    progressive_epochs: float = 0.5  # share of the epochs after which batches are full size
     # the metric that picks the best weights and drives early stopping
     # (segmentation: val_acc means val_miou, train_acc train_miou)
     monitor: Literal[
@@ -398,6 +411,25 @@ def _check_values(cfg: Config) -> None:
         if value is not None and value < 0:
             raise CnnkitError(f"data.{key} must be >= 0 (0 turns it off), got {value}")
     t = cfg.train
+    if not 0.25 <= t.progressive_min <= 1.0:
+        raise CnnkitError(
+            f"train.progressive_min is the starting side as a fraction of data.input_size, in "
+            f"[0.25, 1] (1 turns it off), got {t.progressive_min}"
+        )
+    if not 0.0 < t.progressive_epochs <= 1.0:
+        raise CnnkitError(
+            f"train.progressive_epochs is a share of the run in (0, 1], got {t.progressive_epochs}"
+        )
+    o = cfg.optim
+    if o.whiten_bias_epochs is not None and not o.whiten_bias_epochs > 0:
+        raise CnnkitError(
+            f"optim.whiten_bias_epochs must be > 0 (or null: all run), got {o.whiten_bias_epochs}"
+        )
+    if not o.muon_lr > 0 or not 0 <= o.muon_momentum < 1:
+        raise CnnkitError(
+            f"optim.muon_lr must be > 0 and optim.muon_momentum in [0, 1); got {o.muon_lr} and "
+            f"{o.muon_momentum}"
+        )
     if t.ce_weight < 0 or t.dice_weight < 0 or t.ce_weight + t.dice_weight == 0:
         raise CnnkitError(
             f"train.ce_weight and train.dice_weight must be >= 0, not both 0; got "

@@ -246,18 +246,19 @@ def model_meta(cfg: Config, splits, precision: str) -> dict:
 
 def check_recipe_data(cfg: Config, splits) -> None:
     """Refuse data a recipe cannot train; say what it resized."""
-    if cfg.train.recipe != "speedrun":
+    recipe = cfg.train.recipe
+    if recipe not in ("speedrun", "airbench94"):
         return
     side = recipes.SPEEDRUN_SIDE
     if tuple(splits.input_size) != (side, side):
         raise CnnkitError(
-            f"the speedrun recipe trains at {side}x{side} but data.input_size is "
+            f"the {recipe} recipe trains at {side}x{side} but data.input_size is "
             f"{cfg.data.input_size}; drop data.input_size or use --recipe default"
         )
     native = _native_size(splits.train)
     if native is not None and native != (side, side):
         print(
-            f"note: speedrun recipe: images of {native[0]}x{native[1]} are resized to "
+            f"note: {recipe} recipe: images of {native[0]}x{native[1]} are resized to "
             f"{side}x{side}; the recipe is tuned for CIFAR-like 32x32 data"
         )
     if splits.test is None and splits.val is None:

@@ -54,7 +54,13 @@ DEFAULT_SPACES = {  # recipe -> {key: spec}; lr and decay span about 100x around
         "data.batch_size": {"choices": [64, 128, 256]},
         "data.mixup": {"low": 0.0, "high": 0.4},  # augmentation strength (0: off)
     },
-    "speedrun": {  # airbench94's values (recipes.py) sit inside these ranges
+    "speedrun": {  # the recipe's values (recipes.py) sit inside these ranges
+        "optim.lr": {"low": 0.5, "high": 4.0, "log": True},
+        "optim.muon_lr": {"low": 0.08, "high": 0.6, "log": True},
+        "optim.weight_decay": {"low": 5e-4, "high": 8e-3, "log": True},
+        "train.label_smoothing": {"low": 0.0, "high": 0.3},
+    },
+    "airbench94": {  # airbench94's values (recipes.py) sit inside these ranges
         "optim.lr": {"low": 0.5, "high": 4.0, "log": True},
         "optim.weight_decay": {"low": 5e-4, "high": 8e-3, "log": True},
         "train.label_smoothing": {"low": 0.0, "high": 0.3},

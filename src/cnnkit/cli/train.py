@@ -47,7 +47,7 @@ def train(
     recipe: Annotated[
         str | None,
         typer.Option(
-            help="Preset under your own settings: default, or speedrun (32x32 CIFAR-like data)."
+            help="Preset under your own settings: default, speedrun or airbench94 (32x32 data)."
         ),
     ] = None,
     task: Annotated[

@@ -42,7 +42,7 @@ def tune(
     jobs: Annotated[int, typer.Option(help="Processes on this machine sharing the study.")] = 1,
     model: Annotated[str | None, typer.Option(help="Model name, as for train.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Epoch budget of each trial.")] = None,
-    recipe: Annotated[str | None, typer.Option(help="default or speedrun.")] = None,
+    recipe: Annotated[str | None, typer.Option(help="default, speedrun or airbench94.")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML config of every trial.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the runs and the sampler.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,

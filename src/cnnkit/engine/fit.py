@@ -40,6 +40,7 @@ from cnnkit.engine.loop import (
     StepTools,
     Stopped,
     evaluate,
+    scaled_side,
     train_one_epoch,
 )
 from cnnkit.engine.optim import EPOCH_SCHEDULERS, create_optimizer, create_scheduler
@@ -106,7 +107,12 @@ def fit(
 
     timings = {} if resume else _init_from_data(model, train_loader, rt)
     # the default lr follows the global batch: batch_size per process x processes
-    optimizer = create_optimizer(model, cfg.optim, cfg.data.batch_size * dd.world_size)
+    optimizer = create_optimizer(
+        model,
+        cfg.optim,
+        cfg.data.batch_size * dd.world_size,
+        early=_early_params(model, cfg, len(train_loader)),
+    )
     scheduler = create_scheduler(optimizer, cfg.optim, tc.epochs, len(train_loader))
     per_step = cfg.optim.scheduler not in EPOCH_SCHEDULERS
     class_weights = balance.class_weights
@@ -134,6 +140,11 @@ def fit(
     if resume:
         _check_world_size(resume, dd.world_size, allow_world_change)
         start, start_step, partial = _restore(resume, model, tools, scheduler, tracker, log)
+    scales = progressive_scales(tc)
+    if any(scale != 1.0 for scale in scales):
+        side = splits.input_size[-1]
+        sides = ",".join(str(scaled_side(side, scale)) for scale in scales)
+        progress.message(f"progressive resizing: train side by epoch {sides}")
     progress.message(
         f"training {model_meta['arch']} on {splits.name}: "
         f"{len(splits.train)} train / {len(splits.val) if splits.val else 0} val "
@@ -165,6 +176,7 @@ def fit(
             lr = partial["lr"] if skip else optimizer.param_groups[0]["lr"]
             progress.start_epoch(epoch, len(train_loader))
             tools.after_step = functools.partial(after_step, epoch) if after_step else None
+            tools.scale = scales[epoch]
             metrics = task.metrics(num_classes, rt.device, train=True)
             if skip and dd.main:  # the interrupted epoch's sums so far (saved by rank 0)
                 sums = metrics.sums()
@@ -257,6 +269,29 @@ def _loader(splits, dataset, cfg: Config, rt: runtime.Runtime, note, dd, weights
         rank=dd.rank if train else 0,
         world_size=dd.world_size if train else 1,
     )
+
+
+def progressive_scales(tc) -> list[float]:
+    """Each epoch's train side as a fraction of the input size: from ``progressive_min`` growing
+    linearly to 1 at ``progressive_epochs`` of the run, then 1 (all 1 when off)."""
+    ramp = tc.progressive_epochs * tc.epochs
+    lo = tc.progressive_min
+    return [lo + (1 - lo) * e / ramp if e < ramp else 1.0 for e in range(tc.epochs)]
+
+
+def _early_params(model: nn.Module, cfg: Config, steps_per_epoch: int):
+    """(parameters, steps) trained only for the first steps: the whitening bias of a model with
+    a ``whiten`` layer when ``optim.whiten_bias_epochs`` is set; else None."""
+    epochs = cfg.optim.whiten_bias_epochs
+    if epochs is None:
+        return None
+    bias = getattr(getattr(model, "whiten", None), "bias", None)
+    if not isinstance(bias, nn.Parameter):
+        raise CnnkitError(
+            f"optim.whiten_bias_epochs is for models with a whitening layer (speedrun_net); "
+            f"{cfg.model.name} has none: unset it"
+        )
+    return [bias], round(epochs * steps_per_epoch)
 
 
 def _init_from_data(model: nn.Module, loader, rt: runtime.Runtime) -> dict:

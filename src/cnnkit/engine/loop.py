@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cnnkit.engine import distributed
@@ -51,6 +52,7 @@ class StepTools:
     overflow: torch.Tensor | int = 0  # steps the grad scaler skipped (summed on the device)
     stop: Callable[[], bool] | None = None  # True: end the epoch before the next step
     freeze_bn: bool = False  # batch norm keeps its running statistics (fine-tuning, small batches)
+    scale: float = 1.0  # progressive resizing: batches resized to this fraction of their side
 
 
 class NonFiniteLoss(Exception):
@@ -93,6 +95,8 @@ def train_one_epoch(
         if step and tools.stop is not None and tools.stop():
             raise Stopped(step, metrics.sums().tolist())
         images, labels = rt.to_device(images), labels.to(rt.device, non_blocking=True)
+        if tools.scale != 1.0:
+            images, labels = resize_batch(images, labels, tools.scale)
         loss, outputs = _train_step(model, images, labels, tools, rt, step)
         if loss is not None:  # None: skipped for a non-finite loss
             metrics.update(loss, outputs.detach(), labels)
@@ -114,6 +118,31 @@ def train_one_epoch(
         "first_step": first_step or 0.0,
         "skipped_steps": tools.skipped + int(tools.overflow) - skipped_before,
     }
+
+
+def scaled_side(side: int, scale: float) -> int:
+    """``side`` x ``scale`` rounded down to a multiple of 4 (8 from 64 px up), at least 8: few
+    distinct shapes, each friendly to strided convs and the kernels' caches."""
+    multiple = 8 if side >= 64 else 4
+    return max(8, int(side * scale + 1e-6) // multiple * multiple)
+
+
+def resize_batch(images: torch.Tensor, labels: torch.Tensor, scale: float):
+    """Images (B, C, H, W) resized by ``scale`` (bilinear, antialiased when shrinking); masks
+    (labels (B, H, W)) with nearest, so they keep their classes. Layout kept."""
+    h, w = images.shape[-2:]
+    size = (scaled_side(h, scale), scaled_side(w, scale))
+    if size == (h, w):
+        return images, labels
+    layout = (
+        torch.channels_last
+        if images.is_contiguous(memory_format=torch.channels_last)
+        else torch.contiguous_format
+    )
+    out = F.interpolate(images, size=size, mode="bilinear", antialias=scale < 1.0)
+    if labels.ndim == 3:  # segmentation masks follow their images
+        labels = F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
+    return out.contiguous(memory_format=layout), labels
 
 
 def _train_step(model, images, labels, tools: StepTools, rt: Runtime, step: int = 0):

@@ -2,6 +2,12 @@
 
 All schedules except ``plateau`` are stepped once per optimizer step (so warmup and one-cycle are
 smooth even for short runs); ``plateau`` is stepped once per epoch with the monitored metric.
+
+``muon``: the convolution filters take Muon steps (Keller Jordan, "Muon: an optimizer for hidden
+layers in neural networks", 2024; the optimizer of airbench94_muon), everything else Nesterov SGD.
+A Muon step orthogonalises the filter's Nesterov momentum with a quintic Newton-Schulz iteration
+(the update's singular values pushed towards 1, so every direction of the filter moves by about
+the same amount) and holds the filter's norm fixed, which batch norm after the conv makes free.
 """
 
 from __future__ import annotations
@@ -30,15 +36,33 @@ def default_weight_decay(cfg: OptimConfig) -> float:
 
 
 def param_groups(
-    model: nn.Module, weight_decay: float, lr: float, norm_bias_lr_mult: float = 1.0
+    model: nn.Module,
+    weight_decay: float,
+    lr: float,
+    norm_bias_lr_mult: float = 1.0,
+    *,
+    muon_lr: float | None = None,
+    early: tuple[list[nn.Parameter], int] | None = None,
 ) -> list[dict]:
     """Weights of convs/linears decay; biases and norm parameters (1-d) do not, since shrinking
     them only fights the normalisation. With ``norm_bias_lr_mult`` != 1 the batch-norm biases get
-    a group of their own at that multiple of ``lr`` (Page's raised bias lr, 64x in airbench)."""
+    a group of their own at that multiple of ``lr`` (Page's raised bias lr, 64x in airbench).
+
+    ``muon_lr``: the convolution filters (4-d) form a group of their own at that lr, marked
+    ``"muon"`` (no decay: Muon holds their norm fixed). ``early``: (parameters, steps): those
+    parameters get a group at the raised lr, marked ``"until_step"``, whose lr falls linearly to
+    0 at that step (``create_scheduler``): trained only at the start (airbench94_muon's whitening
+    bias, 3 of its 8 epochs)."""
     norm_biases = {id(m.bias) for m in model.modules() if _is_norm(m) and m.bias is not None}
-    decay, no_decay, raised = [], [], []
+    early_params, early_steps = early if early else ([], 0)
+    early_ids = {id(p) for p in early_params}
+    decay, no_decay, raised, filters = [], [], [], []
     for p in model.parameters():
-        if norm_bias_lr_mult != 1.0 and id(p) in norm_biases:
+        if id(p) in early_ids:
+            continue
+        if muon_lr is not None and p.ndim == 4:
+            filters.append(p)
+        elif norm_bias_lr_mult != 1.0 and id(p) in norm_biases:
             raised.append(p)
         else:
             (no_decay if p.ndim <= 1 else decay).append(p)
@@ -48,6 +72,17 @@ def param_groups(
     ]
     if raised:
         groups.append({"params": raised, "weight_decay": 0.0, "lr": lr * norm_bias_lr_mult})
+    if filters:
+        groups.append({"params": filters, "weight_decay": 0.0, "lr": muon_lr, "muon": True})
+    if early_params:
+        groups.append(
+            {
+                "params": list(early_params),
+                "weight_decay": 0.0,
+                "lr": lr * norm_bias_lr_mult,
+                "until_step": max(1, early_steps),
+            }
+        )
     return groups
 
 
@@ -98,19 +133,107 @@ def _adamw(groups: list[dict], cfg: OptimConfig, lr: float) -> torch.optim.Optim
     )
 
 
-OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"sgd": _sgd, "adamw": _adamw}
+NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz: steepest slope at 0 that still
+NS_STEPS = 5  # leaves every singular value in about [0.7, 1.2] after 5 steps (Jordan, 2024)
 
 
-def create_optimizer(model: nn.Module, cfg: OptimConfig, batch_size: int) -> torch.optim.Optimizer:
-    """Optimizer named by ``cfg.name`` over ``model``'s parameters, decay kept off norm and bias."""
-    if cfg.name == "sgd" and cfg.nesterov and cfg.momentum <= 0:
+def orthogonalise(g: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
+    """About U V^T of ``g`` = U S V^T (2-d), by Newton-Schulz: only matmuls, no SVD. Works on
+    the short side (X X^T is the smaller Gram matrix) in float32."""
+    x = g.float()
+    x = x / (x.norm() + 1e-7)  # spectral norm <= Frobenius norm = 1: inside the convergence basin
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    a, b, c = NS_COEFFS
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for the groups marked ``"muon"`` (conv filters), Nesterov SGD for the others.
+
+    Muon step of a filter W (out, in, k, k) with gradient G: ``buf = m buf + G``, direction
+    ``D = G + m buf`` (Nesterov), ``W *= sqrt(out) / |W|`` (norm held fixed), then
+    ``W -= lr orthogonalise(D as (out, in k k))``. SGD groups: torch's SGD update with
+    ``nesterov=True`` and L2 ``weight_decay`` (coupled, as ``decoupled_wd`` rescales it).
+    One optimizer, so checkpoints, schedules and the loop treat it as any other.
+    """
+
+    def __init__(self, groups: list[dict], lr: float, momentum: float, muon_momentum: float):
+        super().__init__(groups, {"lr": lr, "momentum": momentum, "weight_decay": 0.0})
+        for group in self.param_groups:
+            group.setdefault("muon", False)
+            if group["muon"]:
+                group["momentum"] = muon_momentum
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            lr, m = group["lr"], group["momentum"]
+            grads = [p.grad for p in params]
+            if group["weight_decay"] and not group["muon"]:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            bufs = []
+            for p, g in zip(params, grads, strict=True):
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = g.detach().clone()  # as torch's SGD starts it
+                else:
+                    state["momentum_buffer"].mul_(m).add_(g)
+                bufs.append(state["momentum_buffer"])
+            directions = torch._foreach_add(grads, bufs, alpha=m)  # Nesterov
+            if not group["muon"]:
+                torch._foreach_add_(params, directions, alpha=-lr)
+                continue
+            for p, d in zip(params, directions, strict=True):
+                p.mul_(p.shape[0] ** 0.5 / p.norm().clamp_min(1e-12))
+                update = orthogonalise(d.reshape(d.shape[0], -1)).view(d.shape)
+                p.add_(update.to(p.dtype), alpha=-lr)
+        return loss
+
+
+def _muon(groups: list[dict], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    return Muon(groups, lr=lr, momentum=cfg.momentum, muon_momentum=cfg.muon_momentum)
+
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "sgd": _sgd,
+    "adamw": _adamw,
+    "muon": _muon,
+}
+
+
+def create_optimizer(
+    model: nn.Module,
+    cfg: OptimConfig,
+    batch_size: int,
+    early: tuple[list[nn.Parameter], int] | None = None,
+) -> torch.optim.Optimizer:
+    """Optimizer named by ``cfg.name`` over ``model``'s parameters, decay kept off norm and bias.
+    ``early``: (parameters, steps) trained only for the first steps (``param_groups``)."""
+    if cfg.name in ("sgd", "muon") and cfg.nesterov and cfg.momentum <= 0:
         raise CnnkitError("optim.nesterov needs optim.momentum > 0 (or set optim.nesterov=false)")
-    if cfg.decoupled_wd and cfg.name != "sgd":
+    if cfg.name == "muon" and not cfg.nesterov:
+        raise CnnkitError("optim.name=muon always uses Nesterov momentum; leave optim.nesterov on")
+    if cfg.decoupled_wd and cfg.name == "adamw":
         raise CnnkitError(
-            f"optim.decoupled_wd is for sgd; {cfg.name} decouples weight decay itself"
+            f"optim.decoupled_wd is for sgd and muon; {cfg.name} decouples weight decay itself"
         )
     lr = default_lr(cfg, batch_size)
-    groups = param_groups(model, default_weight_decay(cfg), lr, cfg.norm_bias_lr_mult)
+    muon_lr = cfg.muon_lr if cfg.name == "muon" else None
+    groups = param_groups(
+        model, default_weight_decay(cfg), lr, cfg.norm_bias_lr_mult, muon_lr=muon_lr, early=early
+    )
     if cfg.body_lr_mult != 1.0:
         groups = split_head(groups, model, cfg.body_lr_mult)
     if cfg.decoupled_wd:
@@ -120,6 +243,16 @@ def create_optimizer(model: nn.Module, cfg: OptimConfig, batch_size: int) -> tor
         for group in groups:
             group["weight_decay"] /= group["lr"]
     return OPTIMIZERS[cfg.name](groups, cfg, lr)
+
+
+def schedule_factors(opt: torch.optim.Optimizer, factor: Callable[[int], float]) -> list:
+    """One lr factor per group: ``factor``, except for groups with ``"until_step"``, whose lr
+    falls linearly from its start to 0 at that step and stays 0 (nothing trains them after)."""
+
+    def early(until: int) -> Callable[[int], float]:
+        return lambda step: max(0.0, 1.0 - step / until)
+
+    return [early(g["until_step"]) if "until_step" in g else factor for g in opt.param_groups]
 
 
 ONECYCLE_WARMUP = 0.25  # share of the run spent warming up
@@ -140,7 +273,7 @@ def _onecycle(opt, cfg: OptimConfig, total_steps: int, steps_per_epoch: int):
         progress = min((step - warmup) / max(1, total_steps - 1 - warmup), 1.0)
         return ONECYCLE_END + (1 - ONECYCLE_END) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return torch.optim.lr_scheduler.LambdaLR(opt, schedule_factors(opt, factor))
 
 
 def _cosine(opt, cfg: OptimConfig, total_steps: int, steps_per_epoch: int):
@@ -152,12 +285,21 @@ def _cosine(opt, cfg: OptimConfig, total_steps: int, steps_per_epoch: int):
         progress = (step - warmup) / max(1, total_steps - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return torch.optim.lr_scheduler.LambdaLR(opt, schedule_factors(opt, factor))
 
 
 def _step(opt, cfg: OptimConfig, total_steps: int, steps_per_epoch: int):
     every = cfg.step_size * steps_per_epoch
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: cfg.gamma ** (step // every))
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, schedule_factors(opt, lambda step: cfg.gamma ** (step // every))
+    )
+
+
+def _linear(opt, cfg: OptimConfig, total_steps: int, steps_per_epoch: int):
+    # airbench94_muon's schedule: from the peak straight down to 0 at the end, no warmup
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, schedule_factors(opt, lambda step: max(0.0, 1.0 - step / max(1, total_steps)))
+    )
 
 
 def _triangle(opt, cfg: OptimConfig, total_steps: int, steps_per_epoch: int):
@@ -171,7 +313,7 @@ def _triangle(opt, cfg: OptimConfig, total_steps: int, steps_per_epoch: int):
             return start + (1 - start) * step / peak_step
         return 1 + (end - 1) * min(1.0, (step - peak_step) / max(1, total_steps - peak_step))
 
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return torch.optim.lr_scheduler.LambdaLR(opt, schedule_factors(opt, factor))
 
 
 def _plateau(opt, cfg: OptimConfig, total_steps: int, steps_per_epoch: int):
@@ -181,7 +323,7 @@ def _plateau(opt, cfg: OptimConfig, total_steps: int, steps_per_epoch: int):
 
 
 def _constant(opt, cfg: OptimConfig, total_steps: int, steps_per_epoch: int):
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    return torch.optim.lr_scheduler.LambdaLR(opt, schedule_factors(opt, lambda step: 1.0))
 
 
 SCHEDULERS = {
@@ -191,6 +333,7 @@ SCHEDULERS = {
     "plateau": _plateau,
     "constant": _constant,
     "triangle": _triangle,
+    "linear": _linear,
 }
 EPOCH_SCHEDULERS = {"plateau"}  # stepped with the monitored metric at the end of each epoch
 
@@ -199,4 +342,9 @@ def create_scheduler(
     opt: torch.optim.Optimizer, cfg: OptimConfig, epochs: int, steps_per_epoch: int
 ):
     """Schedule named by ``cfg.scheduler`` for a run of ``epochs`` x ``steps_per_epoch`` steps."""
+    if cfg.scheduler in EPOCH_SCHEDULERS and any("until_step" in g for g in opt.param_groups):
+        raise CnnkitError(
+            f"optim.whiten_bias_epochs needs a per-step schedule, not optim.scheduler="
+            f"{cfg.scheduler}; pick another scheduler or unset optim.whiten_bias_epochs"
+        )
     return SCHEDULERS[cfg.scheduler](opt, cfg, epochs * steps_per_epoch, steps_per_epoch)
