@@ -69,8 +69,8 @@ def run_cnnkit(folder: Path, root: Path) -> dict:
     return {"seconds": seconds, "acc": test["acc"], "choice": choice, "run_dir": run_dir}
 
 
-def fixres(run_dir: Path) -> str:
-    """Test accuracy of the run's weights at sides FIXRES_SCALES x the trained side."""
+def fixres(run_dir: Path, test: Path) -> str:
+    """Accuracy of the run's weights on the ``test`` folder at FIXRES_SCALES x the trained side."""
     from cnnkit.config import load
     from cnnkit.evaluation.scoring import evaluate as cnnkit_evaluate
 
@@ -79,7 +79,7 @@ def fixres(run_dir: Path) -> str:
     scores = []
     for scale in FIXRES_SCALES:
         n = round(side * scale / 8) * 8
-        m = cnnkit_evaluate(run_dir, input_size=n, tta=cfg.train.tta, num_workers=0)
+        m = cnnkit_evaluate(run_dir, str(test), input_size=n, tta=cfg.train.tta, num_workers=0)
         scores.append(f"{n} px {m['acc']:.3f}")
     return f"eval side (trained at {side} px, tta {cfg.train.tta}): {', '.join(scores)}"
 
@@ -153,13 +153,14 @@ def main() -> None:
     print(f"load average (1, 5, 15 min) before: {os.getloadavg()}")
     with tempfile.TemporaryDirectory(prefix="cnnkit-photos-") as tmp:
         root = Path(tmp)
-        ours = run_cnnkit(test_layout(args.data, root), root)
+        folder = test_layout(args.data, root)
+        ours = run_cnnkit(folder, root)
         print(ours["choice"])
         print(
             f"cnnkit train (no flags): test acc {ours['acc']:.3f} on the 153 photos not used "
             f"to pick the weights, {ours['seconds']:.0f} s wall (start-up and decode included)"
         )
-        print(fixres(ours["run_dir"]))
+        print(fixres(ours["run_dir"], folder / "test"))
     print(f"load average (1, 5, 15 min) after cnnkit's run: {os.getloadavg()}")
     if args.tutorial_epochs <= 0:
         print(
