@@ -16,7 +16,7 @@ from cnnkit.cli.main import run
 from cnnkit.config import OptimConfig
 from cnnkit.engine.checkpoint import load_checkpoint
 from cnnkit.engine.optim import create_optimizer, create_scheduler
-from cnnkit.models import auto
+from cnnkit.models import auto, published
 from conftest import write_image
 
 OPTIONS = dict(progress="plain", num_workers=0, report=False)
@@ -24,8 +24,10 @@ OPTIONS = dict(progress="plain", num_workers=0, report=False)
 
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
-    """An empty torch hub cache and no network: any connection attempt fails the test."""
+    """Empty weight caches and no network, as in CI: any connection attempt fails the test."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("CI", "true")
 
     def refuse(*args, **kwargs):
         raise AssertionError("model: auto tried the network")
@@ -62,11 +64,12 @@ def test_choice_per_size_images_and_device(side, count, device, name, input_size
 
 
 def test_weights_on_disk_or_asked_for_pick_the_pretrained_backbone(tmp_path):
-    found = auto.choose(375, 245, "cpu", hub_weights=tmp_path / "resnet18.pth")
+    on_disk = published.Published("tv:resnet18", tmp_path / "resnet18.pth", 224)
+    found = auto.choose(375, 245, "cpu", published=on_disk)
     assert (found.name, found.input_size, found.pretrained) == ("tv:resnet18", 224, True)
     asked = auto.choose(375, 245, "cpu", download=True)
     assert asked.pretrained and "--pretrained" in asked.reason
-    assert auto.choose(8, 100, "cpu", hub_weights=None).name == "simple_cnn"
+    assert auto.choose(8, 100, "cpu", published=on_disk).name == "simple_cnn"
 
 
 def test_offline_without_weights_trains_from_scratch_and_records_it(tmp_path, offline, capsys):
@@ -76,7 +79,7 @@ def test_offline_without_weights_trains_from_scratch_and_records_it(tmp_path, of
     out = capsys.readouterr().out
     lines = [x for x in out.splitlines() if x.startswith("model auto:")]
     assert len(lines) == 1 and "resnet10_slim at 48 px, from scratch" in lines[0], lines
-    assert "no pretrained weights on disk" in lines[0]
+    assert "no pretrained weights on disk" in lines[0] and "not downloading: CI is set" in lines[0]
     assert "validation split that picked these weights" in out  # no test/: an optimistic score
     (run_dir,) = (tmp_path / "runs").iterdir()
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -91,7 +94,7 @@ def test_weights_in_the_torch_hub_cache_are_found_loaded_and_fine_tuned(tmp_path
     """Randomly initialised weights saved where torchvision keeps downloads: auto takes
     tv:resnet18 pretrained from that file, warms the head up with the body frozen, then
     unfreezes."""
-    hub = auto.hub_checkpoints()
+    hub = published.hub_checkpoints()
     hub.mkdir(parents=True)
     url = torchvision.models.ResNet18_Weights.DEFAULT.url
     saved = torchvision.models.resnet18().state_dict()

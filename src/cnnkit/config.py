@@ -70,6 +70,9 @@ class ModelConfig:
     pretrained: bool = False  # adapted models only: download the published weights
     weights: str | None = None  # start from a cnnkit model file or a torchvision/timm state dict
     auto_choice: str | None = None  # written by a run with name "auto": what it picked, why
+    # auto: with no published weights on disk, model auto tries downloading ImageNet weights
+    # (2 s to answer; not when CI or HF_HUB_OFFLINE is set); never: no network
+    download: Literal["auto", "never"] = "auto"
 
 
 @dataclass

@@ -15,7 +15,7 @@ from cnnkit.data import masks
 from cnnkit.engine import distributed
 from cnnkit.errors import CnnkitError
 from cnnkit.modelfile import load_model_file, read_weights
-from cnnkit.models import auto
+from cnnkit.models import auto, published
 
 
 def model_option(options: dict) -> tuple[dict, nn.Module | None]:
@@ -32,11 +32,12 @@ def resolve_auto_model(cfg: Config, device: str) -> auto.Choice | None:
     """``model.name: auto``: pick the model (and, for photos, the training side) from the data
     and ``device`` (its type: cpu, cuda, mps), write the choice into ``cfg`` (so config.yaml
     records it and a resume rebuilds the same net) and print it once."""
-    choice = auto_choice(cfg, device)
+    choice = auto_choice(cfg, device, fetch=True)
     if choice is None:
         return None
     cfg.model.name, cfg.model.auto_choice = choice.name, choice.line()
     cfg.model.pretrained = choice.pretrained
+    cfg.model.kwargs = {**cfg.model.kwargs, **choice.kwargs}
     if cfg.data.input_size is None:
         cfg.data.input_size = choice.input_size
     defaults = Config()
@@ -66,15 +67,32 @@ def resolve_bn_stats(cfg: Config) -> None:
     cfg.train.bn_stats = "frozen" if fine_tuning and small else "update"
 
 
-def auto_choice(cfg: Config, device: str) -> auto.Choice | None:
+def auto_choice(cfg: Config, device: str, fetch: bool = False) -> auto.Choice | None:
     """What ``model.name: auto`` picks for this config's data on ``device``; None when the
-    config names a model. Reads file headers only and no network."""
+    config names a model. Reads file headers and caches; with ``fetch``, photos with no
+    published weights on disk may download them (``_fetch_weights``)."""
     if cfg.model.name != auto.AUTO:
         return None
     side, count = data.peek(cfg.data)
     arch = _weights_architecture(cfg.model.weights) if cfg.model.weights else None
-    hub = auto.find_hub_weights() if side > auto.SMALL_MAX_SIDE else None
-    return auto.choose(side, count, device, hub, arch, download=cfg.model.pretrained)
+    photos = side > auto.SMALL_MAX_SIDE
+    found = published.find() if photos else None
+    missing = f"no pretrained weights on disk ({published.looked_where()})"
+    if photos and found is None and arch is None and not cfg.model.pretrained and fetch:
+        found, failed = _fetch_weights(cfg.model.download)
+        missing = f"{missing}; {failed}"
+    return auto.choose(side, count, device, found, arch, cfg.model.pretrained, missing)
+
+
+def _fetch_weights(setting: str) -> tuple[published.Published | None, str]:
+    """Published weights downloaded for ``model: auto``, or None and why not. Under torchrun
+    no process downloads: each must make the same choice."""
+    why_not = published.why_not_download(setting)
+    if not why_not and distributed.current().enabled:
+        why_not = "distributed run"
+    if why_not:
+        return None, f"not downloading: {why_not}"
+    return published.fetch(lambda line: print(line, flush=True))
 
 
 def _weights_architecture(path: str) -> str | None:

@@ -28,6 +28,15 @@ def eval_(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
     precision: Annotated[str | None, MODEL_PRECISION] = None,
     tta: Annotated[str, TTA] = "none",
+    input_size: Annotated[
+        int | None,
+        typer.Option(
+            min=8,
+            help="Square side to evaluate at instead of the trained one (a little larger often "
+            "scores better: the FixRes effect; compare both).",
+            show_default=False,
+        ),
+    ] = None,
     debug: Annotated[bool, DEBUG] = False,
 ) -> None:
     """Loss, top-1/top-5, per-class precision/recall/F1 and the confusion matrix."""
@@ -42,6 +51,7 @@ def eval_(
         num_workers=num_workers,
         precision=precision,
         tta=tta,
+        input_size=input_size,
     )
     if as_json:
         print(json.dumps(metrics, indent=2))
@@ -59,6 +69,9 @@ def _print_tables(m: dict) -> None:
         f"top-5 {m['acc5']:.4f}  loss {m['loss']:.4f}  "
         f"balanced acc {m['balanced_acc']:.4f}  macro F1 {m['macro_f1']:.4f}"
     )
+    if "input_size" in m:
+        trained = "x".join(map(str, m["trained_size"]))
+        console.print(f"evaluated at {m['input_size']} px; the model trained at {trained}")
     if "tta" in m:
         console.print(f"with tta {m['tta']}; without: acc {m['acc_no_tta']:.4f}")
     table = Table("class", "precision", "recall", "F1", "support", title="per class")

@@ -16,6 +16,7 @@ from cnnkit import tasks
 from cnnkit.config import DataConfig, load
 from cnnkit.data import masks
 from cnnkit.data.memory import run_loader
+from cnnkit.data.transforms import at_side
 from cnnkit.deploy.formats import load_model
 from cnnkit.engine import runtime
 from cnnkit.engine.loop import evaluate as evaluate_loader
@@ -34,6 +35,7 @@ def evaluate(
     num_workers: int | None = None,
     precision: str | None = None,
     tta: str = "none",
+    input_size: int | None = None,
 ) -> dict:
     """Loss, top-1/top-5, per-class precision/recall/F1 and the confusion matrix.
 
@@ -41,19 +43,25 @@ def evaluate(
     no test split); that needs a run folder, not a bare model file. ``precision``: fp32, bf16,
     fp16 or auto; default: the precision the run trained with. ``tta``: none, flip or
     flip_translate (``evaluation.tta``); the metrics then also hold ``acc_no_tta``, so the gain
-    is measured, not assumed.
+    is measured, not assumed. ``input_size``: evaluate at this square side instead of the
+    trained one (the metrics then hold ``input_size`` and ``trained_size``).
     """
     model = load_model(run_or_model, device=device)
+    trained = model.meta["preprocessing"]["input_size"]
+    if input_size is not None:
+        model.meta["preprocessing"] = at_side(model.meta["preprocessing"], input_size)
     task = model.meta.get("task", "classification")
     if check_mode(tta) != "none" and task != "classification":
         raise CnnkitError(f"--tta is for classification models; this is a {task} model")
     rt = runtime.for_model(model.meta, device, precision)
-    dataset, split = eval_dataset(run_or_model, model, data_source)
+    dataset, split = eval_dataset(run_or_model, model, data_source, input_size)
     data_cfg = DataConfig(num_workers=num_workers)
     metrics = score(model, dataset, batch_size, rt, data_cfg, tta)
     if tta != "none":
         metrics["acc_no_tta"] = score(model, dataset, batch_size, rt, data_cfg)["acc"]
     metrics["split"] = split
+    if input_size is not None:
+        metrics["input_size"], metrics["trained_size"] = input_size, trained
     return metrics
 
 
@@ -88,17 +96,25 @@ def report(
     )  # fmt: skip
 
 
-def eval_dataset(run_or_model: str | Path, model: nn.Module, data_source: str | None):
-    """(dataset, split name): ``data_source`` mapped to the model's classes, else the run's own."""
+def eval_dataset(
+    run_or_model: str | Path,
+    model: nn.Module,
+    data_source: str | None,
+    input_size: int | None = None,
+):
+    """(dataset, split name): ``data_source`` mapped to the model's classes, else the run's own
+    (at ``input_size`` px when given: ``model.meta`` must say the same)."""
     if data_source is not None:
         return masks.eval_data(data_source, model.meta), data_source
-    return _own_split(run_folder_of(run_or_model))
+    return _own_split(run_folder_of(run_or_model), input_size)
 
 
-def _own_split(run_dir: Path):
+def _own_split(run_dir: Path, input_size: int | None = None):
+    """The run's test (else val) split; at square ``input_size`` px when given."""
     if not run_dir.is_dir() or not (run_dir / "config.yaml").is_file():
         raise CnnkitError(f"{run_dir} is not a run folder; give the DATA to evaluate on")
     cfg = load(run_dir / "config.yaml")
+    cfg.data.input_size = input_size or cfg.data.input_size
     splits = masks.build_splits(cfg.data, cfg.train.task, cfg.train.seed)
     if splits.test is not None:
         return splits.test, "test"

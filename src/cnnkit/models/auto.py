@@ -11,21 +11,18 @@ the device:
   stride-2-stem ResNet at half ResNet-18's widths, trained at ``PHOTO_SIDE`` px. On ants/bees
   (245 photos, 2-core AMD EPYC with bf16, shared) 128 px beat 96 px (66.0% vs 64.7% test, in
   about the same time); ``benchmarks/photos.py`` has the zero-flag figures;
-- pretrained torchvision ResNet-18 weights already on disk (torch hub cache) or a ``--weights``
-  file whose architecture is known: fine-tune those at the weights' own side (224 px).
+- published ImageNet weights of a ResNet backbone (``cnnkit.models.published``: torch hub
+  cache, timm's in the Hugging Face cache, or downloaded when online) or a ``--weights`` file
+  whose architecture is known: fine-tune those at the weights' own side (224 px).
 
-Nothing here touches the network: a download could hang offline, so published weights are used
-only when they are already in the torch hub cache (``cnnkit train --model tv:resnet18
---pretrained`` downloads them once).
+Nothing here touches the network; ``published.fetch`` does, with a short timeout.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
-import torch
+from cnnkit.models.published import Published
 
 AUTO = "auto"
 DIGITS_MAX_SIDE = 31  # median shorter side (px) below which data is digits-like
@@ -36,7 +33,7 @@ SMALL_PHOTO_SET = 5000  # fewer training images than this: the 10-layer slim net
 # from-scratch net ~200 steps (ants/bees: 66.0% test at 20 epochs, 68.0% at 30). Flip TTA for
 # the final score: 68.0% -> 70.6% on the same weights (153 test photos, so +-3.7 points).
 PHOTO_SETTINGS = (("data", "batch_size", 32), ("train", "epochs", 30), ("train", "tta", "flip"))
-PRETRAINED_ARCH = "resnet18"  # torchvision name of the backbone fine-tuned when weights exist
+PRETRAINED_ARCH = "resnet18"  # torchvision backbone --pretrained downloads with model auto
 PRETRAINED_SIDE = 224  # the side those weights were trained at
 PRETRAINED_BODY_LR_MULT = 0.1  # body lr / head lr after the head-only epoch (fastai-like)
 
@@ -50,6 +47,7 @@ class Choice:
     pretrained: bool
     reason: str
     settings: tuple = ()  # (section, key, value) applied where the config holds the default
+    kwargs: dict = field(default_factory=dict)  # model.kwargs (timm: load from the cached file)
 
     def line(self) -> str:
         """The one line a run prints: what, why, and how to choose otherwise."""
@@ -59,7 +57,7 @@ class Choice:
         unset = f"; where not set: {unset}" if unset else ""
         return (
             f"model auto: {self.name}{side}, {start} ({self.reason}{unset}); "
-            f"choose another with --model NAME (cnnkit models) and --input-size N"
+            f"choose another with --model NAME (cnnkit models), --weights FILE, --input-size N"
         )
 
 
@@ -67,18 +65,20 @@ def choose(
     side: float,
     num_images: int,
     device: str,
-    hub_weights: Path | None = None,
+    published: Published | None = None,
     weights_arch: str | None = None,
     download: bool = False,
+    no_weights: str = "no pretrained weights on disk",
 ) -> Choice:
     """The model for data whose training images have median shorter side ``side`` px.
 
-    ``hub_weights``: published weights found on disk (``find_hub_weights``); ``weights_arch``:
+    ``published``: ImageNet weights on disk (``published.find`` or ``fetch``); ``weights_arch``:
     the architecture of the user's ``--weights`` file (``weights_architecture``), which wins;
-    ``download``: the user asked for published weights (``--pretrained``), so fetching is fine."""
+    ``download``: the user asked for published weights (``--pretrained``), so fetching is fine;
+    ``no_weights``: where photos found no weights (the reason given for training from scratch)."""
     if weights_arch is not None:
         return Choice(weights_arch, None, False, "the architecture of the --weights file")
-    if download and hub_weights is None:
+    if download and published is None:
         why = "ImageNet weights downloaded, as --pretrained asks"
         return Choice(f"tv:{PRETRAINED_ARCH}", PRETRAINED_SIDE, True, why)
     if side <= DIGITS_MAX_SIDE:
@@ -86,32 +86,14 @@ def choose(
     if side <= SMALL_MAX_SIDE:
         name = "resnet18_cifar" if device == "cuda" else "resnet20"
         return Choice(name, None, False, f"{side:g} px images, CIFAR-like, on {device}")
-    if hub_weights is not None:
-        why = f"photos ({side:g} px); ImageNet weights found at {hub_weights}"
-        return Choice(f"tv:{PRETRAINED_ARCH}", PRETRAINED_SIDE, True, why)
+    if published is not None:
+        why = f"photos ({side:g} px); ImageNet weights at {published.path}"
+        return Choice(published.name, published.side, True, why, kwargs=published.kwargs)
     slim = num_images < SMALL_PHOTO_SET and device == "cpu"
     name = "resnet10_slim" if slim else "resnet18_slim"
     train_side = min(PHOTO_SIDE, int(side))
-    why = (
-        f"{num_images} photos of {side:g} px on {device}; {train_side} px for time to "
-        f"accuracy; no pretrained weights on disk (torch hub cache {hub_checkpoints()})"
-    )
-    return Choice(name, train_side, False, why, PHOTO_SETTINGS if slim else ())
-
-
-def hub_checkpoints() -> Path:
-    """Where torchvision keeps downloaded weights ($TORCH_HOME/hub/checkpoints)."""
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def find_hub_weights(arch: str = PRETRAINED_ARCH) -> Path | None:
-    """The file of ``arch``'s default torchvision weights when it is already downloaded. The
-    file name comes from the weights' URL, so this reads no network."""
-    import torchvision.models as tvm  # torchvision's weight tables: only when auto looks
-
-    url = tvm.get_model_weights(arch).DEFAULT.url
-    path = hub_checkpoints() / os.path.basename(url)
-    return path if path.is_file() else None
+    why = f"{num_images} photos of {side:g} px on {device}; {train_side} px for time to accuracy"
+    return Choice(name, train_side, False, f"{why}; {no_weights}", PHOTO_SETTINGS if slim else ())
 
 
 # torchvision ResNet state dicts told apart by their keys: (block key that must exist, arch)
