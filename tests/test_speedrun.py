@@ -22,7 +22,7 @@ from cnnkit.engine.fit import progressive_scales
 from cnnkit.engine.loop import resize_batch, scaled_side
 from cnnkit.engine.optim import Muon, create_optimizer, create_scheduler, orthogonalise
 from cnnkit.errors import CnnkitError
-from cnnkit.evaluation.tta import TestTimeAugment, translate
+from cnnkit.evaluation.tta import TRANSLATE_BELOW_MARGIN, TestTimeAugment, translate
 from cnnkit.models.speedrun import ConvGroup, Whitening
 from cnnkit.recipes import (
     MUON_BIAS_LR_PER_IMAGE,
@@ -126,10 +126,13 @@ def test_lookahead_and_ema_do_not_combine():
         weight_averager(nn.Linear(1, 1), TrainConfig(ema=True, lookahead=True), 10)
 
 
-def test_tta_is_the_weighted_mean_of_explicit_views():
+def test_tta_is_the_weighted_mean_of_explicit_views_where_unsure():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(5)).eval()
-    x = torch.randn(2, 3, 8, 8)
+    # inputs of very different scales: some logits far apart (sure), some close (unsure)
+    x = torch.randn(8, 3, 8, 8) * torch.tensor([0.02, 0.05, 0.1, 0.2, 1, 3, 10, 30]).view(
+        -1, 1, 1, 1
+    )
     model(x)
     padded = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
     up_left, down_right = padded[..., 2:10, 2:10], padded[..., 0:8, 0:8]
@@ -139,10 +142,19 @@ def test_tta_is_the_weighted_mean_of_explicit_views():
     def mirror_mean(v):
         return (model(v) + model(v.flip(-1))) / 2
 
-    expected = 0.5 * mirror_mean(x) + 0.25 * mirror_mean(up_left) + 0.25 * mirror_mean(down_right)
     with torch.no_grad():
-        assert torch.allclose(TestTimeAugment(model, "flip_translate")(x), expected, atol=1e-6)
-        assert torch.allclose(TestTimeAugment(model, "flip")(x), mirror_mean(x), atol=1e-6)
+        flip = mirror_mean(x)
+        full = 0.5 * flip + 0.25 * mirror_mean(up_left) + 0.25 * mirror_mean(down_right)
+        top2 = flip.softmax(1).topk(2, dim=1).values
+        unsure = top2[:, 0] - top2[:, 1] < TRANSLATE_BELOW_MARGIN
+        assert 0 < unsure.sum() < len(x)  # both kinds in the batch
+        expected = torch.where(unsure[:, None], full, flip)
+        got = TestTimeAugment(model, "flip_translate")(x)
+        assert torch.allclose(got, expected, atol=1e-6)
+        assert torch.allclose(TestTimeAugment(model, "flip")(x), flip, atol=1e-6)
+        for i in range(len(x)):  # the choice is per image: alone it scores the same
+            alone = TestTimeAugment(model, "flip_translate")(x[i : i + 1])
+            assert torch.allclose(alone, got[i : i + 1], atol=1e-6)
 
 
 def test_norm_bias_lr_and_decoupled_weight_decay():
