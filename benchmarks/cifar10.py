@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import torchvision
+from flops import airbench94_flops, training_flops
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -35,6 +36,7 @@ import cnnkit
 from cnnkit import data as cnnkit_data
 from cnnkit.config import resolve as resolve_config
 from cnnkit.engine import runtime
+from cnnkit.engine.optim import orthogonalise
 from cnnkit.engine.runtime import cpu_has_native_bf16
 from cnnkit.recipes import preset
 
@@ -82,7 +84,7 @@ def train_gflop_per_image(cfg) -> float:
 
 def overrides_for(recipe: str, args) -> list[str]:
     items = [f"train.epochs={args.epochs}"] if args.epochs else []
-    if args.widths and recipe == "speedrun":
+    if args.widths and recipe in ("speedrun", "airbench94"):
         items.append(f"model.kwargs={{widths: [{args.widths}]}}")
     return items
 
@@ -193,6 +195,32 @@ def triangle(step: int, total: int) -> float:
     return 1 - 0.93 * min(1.0, (step - peak) / max(1, total - peak))
 
 
+def linear(step: int, total: int) -> float:
+    """airbench94_muon's lr factor: 1 -> 0 linearly over the run."""
+    return max(0.0, 1 - step / total)
+
+
+SCHEDULES = {"triangle": triangle, "linear": linear}
+
+
+class ReferenceMuon(torch.optim.Optimizer):
+    """Muon as its paper writes it, for 4-d conv filters: Nesterov momentum, the filter's norm
+    reset to sqrt(out), minus lr x the orthogonalised direction (cnnkit's Newton-Schulz)."""
+
+    def __init__(self, params, lr: float, momentum: float):
+        super().__init__(params, {"lr": lr, "momentum": momentum})
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                buf = self.state[p].setdefault("buf", torch.zeros_like(p))
+                buf.mul_(g["momentum"]).add_(p.grad)
+                d = p.grad.add(buf, alpha=g["momentum"])
+                p.mul_(p.shape[0] ** 0.5 / p.norm())
+                p.sub_(g["lr"] * orthogonalise(d.reshape(len(d), -1)).view_as(d))
+
+
 def reference_sgd(model: nn.Module, oc) -> list[torch.optim.Optimizer]:
     """Nesterov SGD: conv/linear weights decay; batch-norm biases at norm_bias_lr_mult x lr;
     decoupled decay (weight_decay is the shrink per step at peak lr, so divided by the lr)."""
@@ -214,9 +242,28 @@ def reference_sgd(model: nn.Module, oc) -> list[torch.optim.Optimizer]:
     return [sgd]
 
 
-# optim.name -> builder of the optimizers that together update every parameter (the lead's Muon
-# for conv filters adds an entry returning [muon over 4-d weights, sgd over the rest])
-REFERENCE_OPTIMIZERS = {"sgd": reference_sgd}
+def reference_muon(model: nn.Module, oc, early_steps: int = 0) -> list[torch.optim.Optimizer]:
+    """Muon over the conv filters; Nesterov SGD over the head (decaying), the batch-norm biases
+    (raised lr) and the whitening bias (raised lr, trained for ``early_steps`` only)."""
+    filters = [p for p in model.parameters() if p.ndim == 4 and p.requires_grad]
+    bn_biases = [m.bias for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    head = [p for p in model.parameters() if p.ndim == 2]
+    whiten = [model.whiten.bias]
+    raised = oc.lr * oc.norm_bias_lr_mult
+    groups = [
+        {"params": head, "lr": oc.lr, "weight_decay": oc.weight_decay / oc.lr},
+        {"params": bn_biases, "lr": raised, "weight_decay": 0.0},
+        {"params": whiten, "lr": raised, "weight_decay": 0.0, "until": early_steps},
+    ]
+    muon = ReferenceMuon(filters, lr=oc.muon_lr, momentum=oc.muon_momentum)
+    sgd = torch.optim.SGD(groups, lr=oc.lr, momentum=oc.momentum, nesterov=True, foreach=True)
+    for g in [*groups, *muon.param_groups]:
+        g["peak_lr"] = g["lr"]
+    return [sgd, muon]
+
+
+# optim.name -> builder of the optimizers that together update every parameter
+REFERENCE_OPTIMIZERS = {"sgd": reference_sgd, "muon": reference_muon}
 
 
 def reference_run(cfg, d: dict, rt, phase=None) -> dict:
@@ -224,17 +271,26 @@ def reference_run(cfg, d: dict, rt, phase=None) -> dict:
     ``phase(name)``: a context timing a part of the step (``speedrun_profile.py``)."""
     phase = phase or (lambda name: contextlib.nullcontext())
     tc, oc, batch = cfg.train, cfg.optim, cfg.data.batch_size
-    if oc.scheduler != "triangle":
-        raise SystemExit(f"--reference knows the triangle schedule, not {oc.scheduler}")
+    if oc.scheduler not in SCHEDULES:
+        raise SystemExit(f"--reference knows {', '.join(SCHEDULES)} schedules, not {oc.scheduler}")
+    schedule = SCHEDULES[oc.scheduler]
     torch.manual_seed(tc.seed)
     gen = torch.Generator().manual_seed(tc.seed)
     images, labels = d["train"]
     model = cnnkit.create_model(cfg.model.name, num_classes=d["classes"], **cfg.model.kwargs)
     model.init_from_data(images[:5000])
     model = model.to(rt.device, memory_format=rt.memory_format)
-    optimizers = REFERENCE_OPTIMIZERS[oc.name](model, oc)
     steps = len(labels) // batch
     total = tc.epochs * steps
+    early = round((oc.whiten_bias_epochs or 0) * steps)
+    optimizers = REFERENCE_OPTIMIZERS[oc.name](model, oc, *([early] if oc.name == "muon" else []))
+    ramp = tc.progressive_epochs * tc.epochs  # progressive resizing: the side of each epoch
+    sides = [
+        int(32 * (tc.progressive_min + (1 - tc.progressive_min) * e / ramp)) // 4 * 4
+        if e < ramp
+        else 32
+        for e in range(tc.epochs)
+    ]
     fast = [t for t in model.state_dict().values() if t.is_floating_point()]
     slow = [t.clone() for t in fast]  # lookahead's slow weights (and batch-norm statistics)
     coins = torch.rand(len(labels), generator=gen) < 0.5
@@ -248,7 +304,12 @@ def reference_run(cfg, d: dict, rt, phase=None) -> dict:
             with phase("lr schedule"):
                 for opt in optimizers:
                     for g in opt.param_groups:
-                        g["lr"] = g["peak_lr"] * triangle(step, total)
+                        if g.get("until"):  # the whitening bias: down to 0 at its own step
+                            g["lr"] = g["peak_lr"] * max(0.0, 1 - step / g["until"])
+                        else:
+                            g["lr"] = g["peak_lr"] * schedule(step, total)
+                if sides[epoch] != x.shape[-1]:
+                    x = F.interpolate(x, size=sides[epoch], mode="bilinear", antialias=True)
             with phase("forward+backward"):
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
@@ -327,8 +388,9 @@ def reference_test_acc(model: nn.Module, d: dict, rt, batch: int) -> float:
 
 def reference_main(args) -> None:
     """ref, cnnkit, ref, cnnkit, ...: epoch throughput of both in one sitting, and the ratio."""
-    overrides = overrides_for("speedrun", args)
-    cfg = resolve_config(args.data, recipe="speedrun", overrides=overrides)
+    recipe = args.recipes.split(",")[0]
+    overrides = overrides_for(recipe, args)
+    cfg = resolve_config(args.data, recipe=recipe, overrides=overrides)
     rt = runtime.resolve(cfg.runtime)
     print(f"settings: data {args.data}, {args.rounds} round(s) of ref + cnnkit, overrides "
           f"{overrides}; {rt.describe()}; model {cfg.model.name} {cfg.model.kwargs}; "
@@ -346,7 +408,7 @@ def reference_main(args) -> None:
         ref += result["epochs"]
         print(f"round {round_ + 1} reference: test acc (no TTA) {result['test_acc']:.4f}")
         with tempfile.TemporaryDirectory() as out:
-            run = run_once(args.data, "speedrun", cfg.train.seed, overrides, out)
+            run = run_once(args.data, recipe, cfg.train.seed, overrides, out)
         ours += run.pop("rows")
         print(f"round {round_ + 1} cnnkit: {run}", flush=True)
         tail = run["final_eval"] + run["report"]
@@ -394,14 +456,18 @@ def main() -> None:
         f"epochs {args.epochs or 'recipe'}, speedrun widths {args.widths or 'recipe'}"
     )
     summary = {}
+    airbench94 = airbench94_flops()
     for recipe in recipes:
         overrides = overrides_for(recipe, args)
         cfg = resolve_config(args.data, recipe=recipe, overrides=overrides)
         gflop = train_gflop_per_image(cfg)
+        flops = training_flops(cfg)
         print(
             f"{recipe}: model {cfg.model.name} {cfg.model.kwargs}, batch {cfg.data.batch_size}, "
-            f"{cfg.train.epochs} epochs, tta {cfg.train.tta}, {gflop:.3f} GFLOP per training "
-            f"image; overrides {overrides}",
+            f"{cfg.train.epochs} epochs at sides {flops['sides']}, optimizer {cfg.optim.name}, "
+            f"tta {cfg.train.tta}, {gflop:.3f} GFLOP per training image at 32 px; training "
+            f"{flops['total'] / 1e12:.1f} TFLOP = {flops['total'] / airbench94:.3f}x airbench94's "
+            f"{airbench94 / 1e12:.0f}; overrides {overrides}",
             flush=True,
         )
         runs = []
