@@ -51,6 +51,8 @@ BOTH = [
         atol=1.001 * GREY_LEVEL,
     ),
     Case("pad_crop", Augment(pad_crop=2, pad_mode="reflect", hflip=0.5, cutout=6)),
+    Case("rotate", Augment(rotate=20.0), stored=(24, 32), out=(24, 32)),
+    Case("rotate", Augment(rotate=10.0, pad_crop=2, hflip=0.5)),
 ]
 PER_SAMPLE_ONLY = [
     Augment(auto_augment="trivial"),
@@ -75,7 +77,12 @@ def one(params: dict, i: int) -> dict:
     """Image ``i``'s parameters from a batch draw, in the per-sample executor's form."""
     out = {}
     for key, value in params.items():
-        out[key] = bool(value[i]) if key == "flip" else tuple(value[i].long().tolist())
+        if key == "flip":
+            out[key] = bool(value[i])
+        elif key == "angle":
+            out[key] = float(value[i])
+        else:
+            out[key] = tuple(value[i].long().tolist())
     return out
 
 
@@ -116,6 +123,8 @@ def test_each_executor_draws_from_the_same_distribution(case):
         theirs = value.double().view(n, -1)
         if key == "box":  # compare what a box is: its area share and aspect
             ours, theirs = _box_shape(ours, case.stored), _box_shape(theirs, case.stored)
+        if key == "angle":  # in units of the largest turn
+            ours, theirs = ours / case.aug.rotate, theirs / case.aug.rotate
         torch.testing.assert_close(ours.mean(0), theirs.mean(0), rtol=0.05, atol=0.02)
         torch.testing.assert_close(ours.std(0), theirs.std(0), rtol=0.08, atol=0.02)
     if case.aug.hflip == "alternate":  # no randomness left: the very same flips

@@ -47,6 +47,7 @@ class DataConfig:
     pad_crop: int | None = None  # random crop after padding by this many pixels; None: preset
     pad_mode: Literal["zero", "reflect"] = "zero"  # how pad_crop fills the border
     cutout: int = 0  # side in pixels of a square set to the mean colour per image; 0: off
+    rotate: float = 0.0  # degrees: each image turned by an angle drawn in [-rotate, rotate]
     random_resized_crop: bool | None = None  # None: on for inputs of 64 px and more
     auto_augment: Literal["none", "trivial", "rand"] = "none"
     random_erasing: float = 0.0  # probability
@@ -406,6 +407,8 @@ def _check_values(cfg: Config) -> None:
         raise CnnkitError(f"optim.body_lr_mult must be > 0, got {cfg.optim.body_lr_mult}")
     if not 0 <= d.ignore_index <= 255:
         raise CnnkitError(f"data.ignore_index is a mask value in 0..255, got {d.ignore_index}")
+    if not 0 <= d.rotate <= 180:
+        raise CnnkitError(f"data.rotate is an angle in degrees in [0, 180], got {d.rotate}")
     for key in ("pad_crop", "cutout", "mixup", "cutmix", "cache_memory"):
         value = getattr(d, key)
         if value is not None and value < 0:

@@ -122,7 +122,8 @@ def build_model(
             pretrained=mc.pretrained and load_weights,
             **mc.kwargs,
         )
-    if models.is_import_path(mc.name):  # not one of ours: run it once before training
+    # not one of ours (fpn:resnet18_slim only looks like a path): run it once before training
+    if models.is_import_path(mc.name) and models.head_prefix(mc.name) is None:
         models.check_logits(model, mc.name, (in_chans, *splits.input_size), num_classes)
     if load_weights and mc.weights:
         skipped = models.load_state_into(model, read_weights(mc.weights))
@@ -208,7 +209,8 @@ def resolve_task(cfg: Config) -> None:
     if models.model_task(cfg.model.name) != "segmentation":
         raise CnnkitError(
             f"model '{cfg.model.name}' is a classifier; segmentation needs a model with "
-            f"per-pixel outputs: {', '.join(models.list_models(task='segmentation'))}"
+            f"per-pixel outputs: {', '.join(models.list_models(task='segmentation'))}, or a "
+            f"decoder head on a backbone: fpn:{cfg.model.name}, deeplab:{cfg.model.name}"
         )
 
 

@@ -68,7 +68,8 @@ def models(
     Console().print(table)
     print(
         "also: tv:<torchvision model>, timm:<timm model> (with timm installed), spec (layer list), "
-        "pkg.module:YourNet"
+        "pkg.module:YourNet; for segmentation, a decoder head on any of them: fpn:<backbone>, "
+        "deeplab:<backbone> (e.g. fpn:resnet18_slim, deeplab:tv:resnet18)"
     )
 
 

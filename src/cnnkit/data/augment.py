@@ -37,7 +37,10 @@ from cnnkit.data.loader import mix_seed
 LARGE_INPUT = 64  # px: from this side up, train with random resized crops (eval: centre crop)
 DEFAULT_HFLIP = 0.5
 # image ops in the order both executors apply them (normalisation comes before random_erasing)
-OPS = ("random_resized_crop", "pad_crop", "hflip", "auto_augment", "random_erasing", "cutout")
+OPS = (
+    "random_resized_crop", "pad_crop", "rotate", "hflip",
+    "auto_augment", "random_erasing", "cutout",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class Augment:
     rrc_scale: tuple[float, float] = (0.08, 1.0)  # crop area range, fraction of the image area
     pad_crop: int = 0  # px of padding before a random crop back to the input size
     pad_mode: str = "zero"  # zero | reflect: how the padding is filled
+    rotate: float = 0.0  # degrees: an angle uniform in [-rotate, rotate] per image (0: off)
     hflip: float | str = 0.0  # flip probability, or "alternate" (see ``alternate_flips``)
     auto_augment: str = "none"  # none | trivial | rand
     random_erasing: float = 0.0  # probability of erasing a random rectangle

@@ -9,6 +9,9 @@ on the device is augmented with a handful of tensor operations, whatever B is:
                           resampled to the input size with ``grid_sample`` (one call for the batch)
     pad_crop              a shift by up to ``pad_crop`` px per image, the uncovered border filled
                           with zeros or mirrored (``pad_mode`` zero | reflect)
+    rotate                a turn by an angle uniform in [-rotate, rotate] degrees per image about
+                          its centre (``rotate``, one ``grid_sample`` for the batch); the corners
+                          it uncovers are zero
     hflip                 random with probability p, or ``"alternate"``: image i flipped by a fixed
                           coin of (seed, i), inverted on odd epochs (``augment.alternate_flips``)
     normalise             (x / 255 - mean) / std in float32, in the run's memory layout
@@ -16,10 +19,10 @@ on the device is augmented with a handful of tensor operations, whatever B is:
                           normalising), centre anywhere in the image (DeVries & Taylor, 2017)
 
 Segmentation masks (uint8 (B, H, W)) take the same geometry with the same drawn parameters in
-``apply_masks``: nearest resampling for the random resized crop, the ignore value where a shift
-uncovers pixels (mirrored with ``pad_mode=reflect``), the same flips; cutout leaves them alone.
-This batched executor is the only one that moves masks with their images: the per-sample path
-(``SampleAugment``) has no mask step yet, so segmentation always trains from memory.
+``apply_masks``: nearest resampling for the random resized crop and the rotation, the ignore
+value where a shift or a turn uncovers pixels (mirrored with ``pad_mode=reflect``), the same
+flips; cutout leaves them alone. The per-sample executor does the same one pair at a time
+(``SampleAugment.apply_mask``), with this module's ``rotate`` as its kernel.
 
 Auto-augment policies and random erasing have no batched step (``BATCHED_OPS``): a split whose
 spec uses them takes the per-sample executor, ``cnnkit.data.transforms.SampleAugment``.
@@ -42,7 +45,7 @@ from cnnkit.data.loader import mix_seed
 
 RRC_RATIO = (3 / 4, 4 / 3)  # aspect range of random resized crops, as torchvision's
 RRC_TRIES = 10
-BATCHED_OPS = frozenset({"random_resized_crop", "pad_crop", "hflip", "cutout"})
+BATCHED_OPS = frozenset({"random_resized_crop", "pad_crop", "rotate", "hflip", "cutout"})
 
 
 def batchable(aug: Augment) -> bool:
@@ -97,6 +100,9 @@ class BatchAugment:
         if aug.pad_crop:
             span = 2 * aug.pad_crop + 1
             params["shift"] = torch.randint(0, span, (b, 2), generator=g, device=device)
+        if aug.rotate:
+            turn = torch.rand(b, generator=g, device=device) * 2 - 1
+            params["angle"] = turn * aug.rotate
         if aug.hflip == "alternate":
             params["flip"] = alternate_flips(indices.to(device), epoch, self.seed)
         elif aug.hflip:
@@ -115,6 +121,8 @@ class BatchAugment:
             x = _center_crop(images, self.out_size)
         if "shift" in params:
             x = _shift(x, params["shift"], self.aug.pad_crop, self.aug.pad_mode)
+        if "angle" in params:
+            x = rotate(x, params["angle"])
         if "flip" in params:
             x = torch.where(params["flip"].view(-1, 1, 1, 1), x.flip(3), x)
         x = self._normalise(x)
@@ -133,6 +141,8 @@ class BatchAugment:
             x = _center_crop(x, self.out_size).to(torch.float32)
         if "shift" in params:
             x = _shift(x, params["shift"], self.aug.pad_crop, self.aug.pad_mode, float(fill))
+        if "angle" in params:
+            x = rotate(x, params["angle"], fill=float(fill))
         if "flip" in params:
             x = torch.where(params["flip"].view(-1, 1, 1, 1), x.flip(3), x)
         return x[:, 0].round().long()
@@ -226,6 +236,27 @@ def _shift(
     windows = padded.unfold(2, h, 1).unfold(3, w, 1)  # (B, C, 2 pad + 1, 2 pad + 1, H, W)
     batch = torch.arange(x.shape[0], device=x.device)
     return windows[batch, :, shift[:, 0], shift[:, 1]]  # (B, C, H, W)
+
+
+def rotate(x: torch.Tensor, angle: torch.Tensor, fill: float | None = None) -> torch.Tensor:
+    """Turn each image of ``x`` (B, C, H, W) counter-clockwise by ``angle`` (B,) degrees about
+    its centre, in pixel units whatever the aspect. Bilinear, with zeros where the turn uncovers
+    pixels; with ``fill`` (masks), nearest and ``fill`` there. float32 out."""
+    b, _, h, w = x.shape
+    rad = angle.to(torch.float32) * (math.pi / 180)
+    cos, sin = rad.cos(), rad.sin()
+    zero = torch.zeros_like(cos)
+    # output -> input coordinates, normalised per axis: the pixel rotation scaled by h/w, w/h
+    theta = torch.stack(
+        [torch.stack([cos, -sin * h / w, zero], 1), torch.stack([sin * w / h, cos, zero], 1)], 1
+    )
+    grid = F.affine_grid(theta, [b, 1, h, w], align_corners=False)
+    x = x.to(torch.float32)
+    if fill is None:
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    # values shifted by one so that 0 marks the uncovered pixels
+    out = F.grid_sample(x + 1, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return torch.where(out == 0, fill, out - 1)
 
 
 def _cutout(x: torch.Tensor, centre: torch.Tensor, size: int) -> torch.Tensor:

@@ -15,10 +15,13 @@ marks pixels that are not scored. Class names come from ``classes.txt`` (one per
 Every pair is checked while it is decoded: a missing mask, an image and mask of different sizes,
 or mask values outside the classes raise ``CnnkitError`` naming the file.
 
-Each split is decoded once per run into memory, resized to the input size (images bilinear,
-masks nearest): uint8 images (N, C, H, W) and masks (N, H, W), with IGNORE (255) on ignored
-pixels. Training batches are cut from them and augmented jointly on the device
-(``memory.MaskLoader``); there is no on-disk cache and no streaming for masks yet.
+Each split is decoded once per run, resized to the input size (images bilinear, masks
+nearest): uint8 masks (N, H, W), with IGNORE (255) on ignored pixels, are always kept; uint8
+images (N, C, H, W) are kept when they fit the decode budget (``data.decode_cache``,
+``data.cache_memory``, as for classification). Training batches of kept images are cut from
+them and augmented jointly on the device (``memory.MaskLoader``); images over the budget are
+read from their files again per sample and augmented with their masks by the per-sample
+executor (``MaskSamples``, through DataLoader workers). Both run the one ``Augment`` spec.
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ from cnnkit.config import DataConfig
 from cnnkit.data import augment
 from cnnkit.data.augment import Augment
 from cnnkit.data.batchaug import BATCHED_OPS
+from cnnkit.data.cache import DecodeBudget
 from cnnkit.data.images import GRAY_MODES, decode, image_info, load_mask, mode_for
+from cnnkit.data.loader import EpochDataset
 from cnnkit.data.readers import (  # noqa: F401 - the pair layout, re-exported for callers
     BINARY_CLASSES,
     PAIR_DIRS,
@@ -52,7 +57,7 @@ from cnnkit.data.readers import (  # noqa: F401 - the pair layout, re-exported f
 from cnnkit.data.splits import Splits
 from cnnkit.data.splits import build as build_classes
 from cnnkit.data.splits import build_eval as build_classes_eval
-from cnnkit.data.transforms import make_preprocessing
+from cnnkit.data.transforms import SampleAugment, ToNormalizedTensor, make_preprocessing
 from cnnkit.errors import CnnkitError
 
 IGNORE = 255  # stored mask value of ignored pixels (the loss and metrics skip it)
@@ -60,12 +65,15 @@ OVERLAY_ALPHA = 0.5  # weight of the class colour over the image in overlays
 
 
 class MaskDataset(Dataset):
-    """Decoded pairs: uint8 images (N, C, H, W), uint8 masks (N, H, W); an item is (float32
-    normalised image (C, H, W), int64 mask (H, W)). ``targets`` are the masks."""
+    """Decoded pairs: uint8 masks (N, H, W) and uint8 images (N, C, H, W), or None when the
+    images are read from ``paths`` per sample (``image``); ``stats`` (N, C, 3) float64 per
+    image and channel: pixel count, sum and sum of squares (0..1 units), for the mean and std
+    of any subset. An item is (float32 normalised image (C, H, W), int64 mask (H, W));
+    ``targets`` are the masks."""
 
-    def __init__(self, images, masks, paths: Sequence[Path], mean, std) -> None:
+    def __init__(self, images, masks, paths: Sequence[Path], mean, std, stats) -> None:
         self.images, self.masks, self.paths = images, masks, list(paths)
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.mean, self.std, self.stats = tuple(mean), tuple(std), stats
         self._normalise = v2.Normalize(self.mean, self.std)
 
     @property
@@ -73,23 +81,62 @@ class MaskDataset(Dataset):
         return self.masks
 
     @property
+    def in_memory(self) -> bool:
+        return self.images is not None
+
+    @property
     def nbytes(self) -> int:
-        return self.images.numel() + self.masks.numel()
+        return (self.images.numel() if self.in_memory else 0) + self.masks.numel()
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.masks)
+
+    def image(self, index: int) -> torch.Tensor:
+        """uint8 (C, H, W) at the masks' size: from memory, or decoded from its file again."""
+        if self.in_memory:
+            return self.images[index]
+        return _read_image(self.paths[index], self.stats.shape[1], tuple(self.masks.shape[-2:]))
 
     def __getitem__(self, index: int):
-        image = self._normalise(self.images[index].float() / 255.0)
+        image = self._normalise(self.image(index).float() / 255.0)
         return image, self.masks[index].long()
 
     def subset(self, indices: Sequence[int]) -> MaskDataset:
         rows = torch.as_tensor(list(indices), dtype=torch.long)
         paths = [self.paths[i] for i in indices]
-        return MaskDataset(self.images[rows], self.masks[rows], paths, self.mean, self.std)
+        images = self.images[rows] if self.in_memory else None
+        return MaskDataset(images, self.masks[rows], paths, self.mean, self.std, self.stats[rows])
 
     def with_stats(self, mean, std) -> MaskDataset:
-        return MaskDataset(self.images, self.masks, self.paths, mean, std)
+        return MaskDataset(self.images, self.masks, self.paths, mean, std, self.stats)
+
+
+class MaskSamples(EpochDataset):
+    """The per-sample path of a split: item i is its pair with the same drawn geometry applied
+    to image and mask (``SampleAugment.draw``, ``apply``, ``apply_mask``), or, with ``augment``
+    None, the pair normalised (evaluation). The loaders seed the RNG per (seed, epoch, index)."""
+
+    def __init__(self, dataset: MaskDataset, augment: SampleAugment | None, mean, std) -> None:
+        self.dataset, self.augment = dataset, augment
+        self.normalise = ToNormalizedTensor(list(mean), list(std))
+
+    @property
+    def epoch_dependent(self) -> bool:
+        return self.augment is not None and self.augment.epoch_dependent
+
+    @property
+    def nbytes(self) -> int:
+        return self.dataset.nbytes
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def sample(self, index: int, epoch: int):
+        image, mask = self.dataset.image(index), self.dataset.masks[index]
+        if self.augment is None:
+            return self.normalise(image), mask.long()
+        params = self.augment.draw(image, index, epoch)
+        return self.augment.apply(image, params), self.augment.apply_mask(mask, params, IGNORE)
 
 
 def list_pairs(images: Path, masks: Path) -> list[tuple[Path, Path]]:
@@ -118,22 +165,34 @@ def build(cfg: DataConfig, seed: int, note: Callable[[str], None] | None = None)
     in_chans = 1 if _all_gray([img for img, _ in train_pairs]) else 3
     size = _input_size(cfg, train_pairs[0][0])
     names = read_class_names(root)
-    decoded = {name: _decode_pairs(pairs, in_chans, size) for name, pairs in listed.items()}
+    budget = DecodeBudget(cfg.decode_cache, cfg.cache_memory)
+    decoded = {
+        name: _decode_pairs(
+            pairs, in_chans, size, budget.take(len(pairs) * in_chans * size[0] * size[1])
+        )
+        for name, pairs in listed.items()
+    }
     ignore = cfg.ignore_index
     two = names is None or len(names) == 2  # a class file may name the binary classes
-    binary = two and _binary([m for _, m, _ in decoded.values()])
+    binary = two and _binary([d[1] for d in decoded.values()])
     classes = (names or BINARY_CLASSES) if binary else names or _inferred(decoded, ignore)
-    masks = {name: _checked_masks(d, classes, ignore, binary) for name, d in decoded.items()}
+    masks = {name: _checked_masks(d, classes, ignore, binary, size) for name, d in decoded.items()}
     note(f"decoded {sum(len(p) for p in listed.values())} image/mask pairs at {size[0]}x{size[1]}")
+    streamed = [name for name, d in decoded.items() if d[0] is None]
+    if streamed:
+        note(
+            f"note: the {', '.join(streamed)} images are over the decode budget; they are read "
+            "from their files per sample (raise data.cache_memory to keep them in memory)"
+        )
     data = {
-        name: MaskDataset(decoded[name][0], masks[name], [p for p, _ in pairs], (0.0,), (1.0,))
-        for name, pairs in listed.items()
+        name: MaskDataset(d[0], masks[name], [p for p, _ in d[2]], (0.0,), (1.0,), d[3])
+        for name, d in decoded.items()
     }
     train, val = data["train"], data.get("val")
     if val is None and cfg.val_fraction > 0:
         keep, held = stratified_split([0] * len(train), cfg.val_fraction, seed)
         train, val = train.subset(keep), train.subset(held) if held else None
-    mean, std = _mean_std(train.images)
+    mean, std = _mean_std(train.stats)
     pre = make_preprocessing(in_chans, size, mean, std, "none")
     return Splits(
         train=train.with_stats(mean, std),
@@ -234,23 +293,45 @@ def _input_size(cfg: DataConfig, first: Path) -> tuple[int, int]:
     return height, width
 
 
-def _decode_pairs(pairs, in_chans: int, size: tuple[int, int]):
-    """(uint8 images (N, C, H, W) at ``size``, raw masks [np (h, w)], pairs) with each pair's
-    sizes checked; masks are resized later, once their values are known good."""
-    images = torch.empty((len(pairs), in_chans, *size), dtype=torch.uint8)
+def _decode_pairs(pairs, in_chans: int, size: tuple[int, int], keep: bool):
+    """(uint8 images (N, C, H, W) at ``size`` or None when not ``keep``, raw masks [np (h, w)],
+    pairs, stats (N, C, 3)) with each pair's sizes checked; masks are resized later, once their
+    values are known good."""
+    images = torch.empty((len(pairs), in_chans, *size), dtype=torch.uint8) if keep else None
+    stats = torch.empty((len(pairs), in_chans, 3), dtype=torch.float64)
     masks = []
     for i, (image_path, mask_path) in enumerate(pairs):
-        image = torch.from_numpy(np.array(decode(image_path, mode_for(in_chans))[0]))
-        image = image.reshape(*image.shape[:2], -1).permute(2, 0, 1)  # (C, h, w)
+        image = _decode(image_path, in_chans)
         mask = load_mask(mask_path)
         if tuple(image.shape[1:]) != mask.shape:
             raise CnnkitError(
                 f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image "
                 f"{image_path} is {image.shape[2]}x{image.shape[1]}; they must match"
             )
-        images[i] = TF.resize(image, list(size), antialias=True)
+        image = TF.resize(image, list(size), antialias=True)
+        stats[i] = _pixel_stats(image)
+        if keep:
+            images[i] = image
         masks.append(mask)
-    return images, masks, pairs
+    return images, masks, pairs, stats
+
+
+def _decode(path: Path, in_chans: int) -> torch.Tensor:
+    """uint8 (C, h, w) of an image file at its own size."""
+    image = torch.from_numpy(np.array(decode(path, mode_for(in_chans))[0]))
+    return image.reshape(*image.shape[:2], -1).permute(2, 0, 1)
+
+
+def _read_image(path: Path, in_chans: int, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 (C, H, W) of an image file at ``size``, as ``_decode_pairs`` stores it."""
+    return TF.resize(_decode(path, in_chans), list(size), antialias=True)
+
+
+def _pixel_stats(image: torch.Tensor) -> torch.Tensor:
+    """(C, 3): pixel count, sum and sum of squares per channel of uint8 (C, H, W), 0..1 units."""
+    x = image.reshape(image.shape[0], -1).double() / 255.0
+    count = torch.full((x.shape[0],), float(x.shape[1]), dtype=torch.float64)
+    return torch.stack([count, x.sum(1), (x * x).sum(1)], dim=1)
 
 
 def _binary(all_masks: list[list[np.ndarray]]) -> bool:
@@ -267,17 +348,19 @@ def _binary(all_masks: list[list[np.ndarray]]) -> bool:
 def _inferred(decoded: dict, ignore: int) -> list[str]:
     top = max(
         int(np.where(mask == ignore, 0, mask).max(initial=0))
-        for _, masks, _ in decoded.values()
+        for _, masks, _, _ in decoded.values()
         for mask in masks
     )
     return [f"class_{i}" for i in range(max(top + 1, 2))]
 
 
-def _checked_masks(decoded, classes: list[str], ignore: int, binary: bool) -> torch.Tensor:
+def _checked_masks(
+    decoded, classes: list[str], ignore: int, binary: bool, size: tuple[int, int]
+) -> torch.Tensor:
     """uint8 masks (N, H, W) at the images' size (nearest), IGNORE on ignored pixels; a value
     that is neither a class nor ``ignore`` is an error naming the file."""
-    images, masks, pairs = decoded
-    out = torch.empty((len(masks), *images.shape[-2:]), dtype=torch.uint8)
+    _, masks, pairs, _ = decoded
+    out = torch.empty((len(masks), *size), dtype=torch.uint8)
     k = len(classes)
     for i, (mask, (_, path)) in enumerate(zip(masks, pairs, strict=True)):
         if binary:
@@ -291,18 +374,22 @@ def _checked_masks(decoded, classes: list[str], ignore: int, binary: bool) -> to
                     "data.ignore_index"
                 )
             mask = np.where(mask == ignore, IGNORE, mask).astype(np.uint8)
+        # nearest with half-pixel centres, as the image's resize (plain nearest is half a
+        # source pixel off)
         resized = TF.resize(
-            torch.from_numpy(mask)[None], list(out.shape[-2:]), v2.InterpolationMode.NEAREST
+            torch.from_numpy(mask)[None], list(out.shape[-2:]), v2.InterpolationMode.NEAREST_EXACT
         )
         out[i] = resized[0]
     return out
 
 
-def _mean_std(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std (0..1 units) of uint8 images (N, C, H, W)."""
-    x = images.transpose(0, 1).reshape(images.shape[1], -1).double() / 255.0
-    std = x.std(1).clamp(min=1e-3)
-    return tuple(round(v, 4) for v in x.mean(1).tolist()), tuple(round(v, 4) for v in std.tolist())
+def _mean_std(stats: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std (0..1 units) of the images whose ``stats`` (N, C, 3) these are."""
+    count, total, squares = stats.sum(0).unbind(1)  # (C,) each
+    mean = total / count
+    std = ((squares - count * mean * mean) / (count - 1).clamp(min=1)).clamp(min=0).sqrt()
+    std = std.clamp(min=1e-3)
+    return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
 
 
 def _fingerprint(listed: dict, classes, ignore: int, size) -> str:

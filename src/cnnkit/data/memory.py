@@ -25,8 +25,8 @@ from cnnkit.data.batchaug import BatchAugment, batchable
 from cnnkit.data.datasets import FileImageDataset, TensorImageDataset
 from cnnkit.data.host import cache_root
 from cnnkit.data.loader import EpochSampler, auto_workers, make_loader
-from cnnkit.data.masks import IGNORE, MaskDataset
-from cnnkit.data.transforms import image_mode
+from cnnkit.data.masks import IGNORE, MaskDataset, MaskSamples
+from cnnkit.data.transforms import SampleAugment, image_mode
 
 GPU_FRACTION = 0.3  # share of free GPU memory that decoded images may take on the device
 
@@ -139,7 +139,11 @@ def run_loader(
     ``weights``: per-sample weights for class-balanced sampling (with replacement).
     """
     kw = dict(train=train, seed=seed, rank=rank, world_size=world_size, weights=weights)
-    if isinstance(dataset, MaskDataset):  # segmentation: always decoded in memory
+    if isinstance(dataset, MaskDataset) and not dataset.in_memory:  # over the decode budget
+        augment = SampleAugment(aug, preprocessing, seed) if aug is not None else None
+        samples = MaskSamples(dataset, augment, preprocessing["mean"], preprocessing["std"])
+        return make_loader(samples, batch_size, num_workers=cfg.num_workers, **kw)
+    if isinstance(dataset, MaskDataset):
         return _mask_loader(dataset, preprocessing, aug, batch_size, device, memory_format, kw)
     images = _images(dataset, preprocessing, aug, cfg, note)
     if images is None:

@@ -24,6 +24,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from cnnkit.data.augment import LARGE_INPUT, Augment, alternate_flips
+from cnnkit.data.batchaug import rotate
 from cnnkit.data.images import mode_for
 from cnnkit.errors import CnnkitError
 
@@ -126,8 +127,8 @@ class SampleAugment:
 
     def draw(self, image, index: int | None, epoch: int) -> dict:
         """Parameters for one image: ``box`` (top, left, height, width) of the random resized
-        crop, ``shift`` (dy, dx) in [0, 2 pad], ``flip``, ``cutout`` centre (y, x). Auto-augment
-        and random erasing draw their own when applied."""
+        crop, ``shift`` (dy, dx) in [0, 2 pad], ``angle`` (degrees), ``flip``, ``cutout`` centre
+        (y, x). Auto-augment and random erasing draw their own when applied."""
         aug, params = self.aug, {}
         if self.rrc is not None:
             box = self.rrc.make_params([image])
@@ -135,6 +136,8 @@ class SampleAugment:
         if aug.pad_crop:
             span = 2 * aug.pad_crop + 1  # the two draws of v2.RandomCrop(padding=pad_crop)
             params["shift"] = tuple(int(torch.randint(0, span, size=())) for _ in range(2))
+        if aug.rotate:
+            params["angle"] = float(torch.rand(()) * 2 - 1) * aug.rotate
         if aug.hflip == "alternate":
             params["flip"] = self._alternate_flip(index, epoch)
         elif aug.hflip:
@@ -153,10 +156,12 @@ class SampleAugment:
             x = self.resize(image)
         if "shift" in params:
             x = self._shift(x, params["shift"])
+        if "angle" in params:  # the batched kernel on one image: float32 0..255 from here
+            x = rotate(_as_tensor(x)[None], torch.tensor([params["angle"]]))[0]
         if params.get("flip"):
             x = TF.horizontal_flip(x)
         if self.auto is not None:
-            x = self.auto(x)
+            x = self.auto(x.round().to(torch.uint8) if "angle" in params else x)
         x = self.normalise(x)
         if self.erase is not None:
             x = self.erase(x)
@@ -164,11 +169,29 @@ class SampleAugment:
             x = _cutout(x, params["cutout"], self.aug.cutout)
         return x
 
-    def _shift(self, x, shift: tuple[int, int]):
-        """Pad by ``pad_crop`` px (zeros or mirrored), then crop the input size at (dy, dx)."""
+    def apply_mask(self, mask: torch.Tensor, params: dict, fill: int) -> torch.Tensor:
+        """The geometry of ``apply`` with the same ``params`` on a mask uint8 (H, W) of the
+        image's size: nearest resampling, ``fill`` (the ignore value) where a shift or a turn
+        uncovers pixels, no cutout or colour ops. int64 (H, W) at the input size."""
+        x = mask[None]  # (1, H, W)
+        nearest = v2.InterpolationMode.NEAREST_EXACT  # half-pixel centres, as the image's
+        if "box" in params:
+            x = TF.resized_crop(x, *params["box"], self.size, nearest)
+        else:
+            x = TF.resize(x, self.size, nearest)
+        if "shift" in params:
+            x = self._shift(x, params["shift"], fill)
+        if "angle" in params:
+            x = rotate(x[None], torch.tensor([params["angle"]]), fill=float(fill))[0]
+        if params.get("flip"):
+            x = TF.horizontal_flip(x)
+        return x[0].round().long()
+
+    def _shift(self, x, shift: tuple[int, int], fill: int = 0):
+        """Pad by ``pad_crop`` px (``fill`` or mirrored), then crop the input size at (dy, dx)."""
         pad = self.aug.pad_crop
         mode = "reflect" if self.aug.pad_mode == "reflect" else "constant"
-        x = TF.pad(x, [pad, pad, pad, pad], fill=0, padding_mode=mode)
+        x = TF.pad(x, [pad, pad, pad, pad], fill=fill, padding_mode=mode)
         return TF.crop(x, shift[0], shift[1], *self.size)
 
     def _alternate_flip(self, index: int | None, epoch: int) -> bool:
@@ -178,6 +201,13 @@ class SampleAugment:
                 "dataset does not give (streamed shards); use a probability, e.g. data.hflip=0.5"
             )
         return bool(alternate_flips(torch.tensor([index]), epoch, self.seed)[0])
+
+
+def _as_tensor(image) -> torch.Tensor:
+    """A PIL image or a (uint8) tensor (C, H, W) as a plain tensor."""
+    if isinstance(image, Image.Image):
+        return TF.pil_to_tensor(image)
+    return image.as_subclass(torch.Tensor)
 
 
 def _cutout(image: torch.Tensor, centre: tuple[int, int], size: int) -> torch.Tensor:

@@ -11,15 +11,17 @@ Your own model: ``create_model("pkg.module:Net")``, ``@register_model`` builders
 """
 
 # The family modules register their builders on import.
-from cnnkit.models import mobilenet, resnet, simple, speedrun, unet  # noqa: F401
+from cnnkit.models import heads, mobilenet, resnet, simple, speedrun, unet  # noqa: F401
 from cnnkit.models._registry import (
     builder_options,
     create_model,
     head_parameters,
+    head_prefix,
     list_models,
     load_state_into,
     model_info,
     model_task,
+    register_head,
     register_model,
     summary_rows,
 )
@@ -35,6 +37,7 @@ __all__ = [
     "check_logits",
     "create_model",
     "head_parameters",
+    "head_prefix",
     "is_import_path",
     "layer_table",
     "list_models",
@@ -43,6 +46,7 @@ __all__ = [
     "model_from_meta",
     "model_info",
     "model_task",
+    "register_head",
     "name_for",
     "rebuild",
     "rebuild_note",

@@ -47,6 +47,8 @@ _ADAPTERS: dict[str, Callable[..., nn.Module]] = {
     "tv:": adapters.create_torchvision,
     "timm:": adapters.create_timm,
 }
+# Name prefixes of segmentation heads on a backbone (``fpn:resnet18_slim``), see ``heads.py``.
+_HEADS: dict[str, Callable[..., nn.Module]] = {}
 _PREFIXES_TO_STRIP = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile wrappers
 
 
@@ -95,6 +97,25 @@ def _same(a: Callable, b: Callable) -> bool:
     return (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
 
 
+def register_head(prefix: str):
+    """Register a builder of a segmentation head on any backbone under a name ``prefix``
+    (``"fpn:"``); it is called as ``builder(backbone_name, num_classes, in_chans, pretrained,
+    **kwargs)``."""
+
+    def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if prefix in _HEADS and not _same(_HEADS[prefix], builder):
+            raise CnnkitError(f"a head named '{prefix}' is already registered; pick another name")
+        _HEADS[prefix] = builder
+        return builder
+
+    return wrap
+
+
+def head_prefix(name: str) -> str | None:
+    """The head prefix ``name`` starts with (``"fpn:"`` of ``fpn:resnet18_slim``), or None."""
+    return next((p for p in _HEADS if name.startswith(p)), None)
+
+
 _PLUGINS_LOADED = False
 
 
@@ -126,8 +147,10 @@ def list_models(
 
 
 def model_task(name: str) -> str:
-    """The task a registered model serves; other names (spec, tv:, timm:, import paths) are
-    classifiers."""
+    """The task a registered model or head (``fpn:...``) serves; other names (spec, tv:, timm:,
+    import paths) are classifiers."""
+    if head_prefix(name) is not None:
+        return "segmentation"
     entry = _MODELS.get(name)
     return entry.task if entry is not None else "classification"
 
@@ -139,8 +162,9 @@ def create_model(
     pretrained: bool = False,
     **kwargs: typing.Any,
 ) -> nn.Module:
-    """Build a model by name: a registry name, ``"spec"``, ``"tv:<name>"``, ``"timm:<name>"``
-    or an import path ``"pkg.module:name"`` (an ``nn.Module`` class or a registered builder).
+    """Build a model by name: a registry name, ``"spec"``, ``"tv:<name>"``, ``"timm:<name>"``,
+    an import path ``"pkg.module:name"`` (an ``nn.Module`` class or a registered builder), or a
+    segmentation head on any of those (``"fpn:<backbone>"``, ``"deeplab:<backbone>"``).
 
     ``kwargs`` go to the builder (e.g. ``drop_rate``, ``width_mult``, ``layers`` for ``spec``).
     ``pretrained`` downloads published weights, which exist only for ``tv:`` and ``timm:``.
@@ -148,6 +172,9 @@ def create_model(
     if not isinstance(name, str):
         raise CnnkitError(f"model name must be a string like 'resnet18', got {name!r}")
     _check_sizes(num_classes, in_chans)
+    head = head_prefix(name)
+    if head is not None:
+        return _HEADS[head](name[len(head) :], num_classes, in_chans, pretrained, **kwargs)
     for prefix, make in _ADAPTERS.items():
         if name.startswith(prefix):
             return make(name[len(prefix) :], num_classes, in_chans, pretrained, **kwargs)

@@ -343,8 +343,15 @@ def create_timm(
     name: str, num_classes: int, in_chans: int, pretrained: bool, **kwargs: Any
 ) -> TimmClassifier:
     """``timm:<name>``: ``timm.create_model`` (needs the optional ``timm`` package)."""
+    model = timm_model(name, pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    return TimmClassifier(model, name, in_chans)
+
+
+def timm_model(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(name, pretrained, **kwargs)`` with cnnkit's errors: timm missing, an
+    unknown name (with close ones), options it does not take, weights it cannot fetch."""
     try:
-        import timm
+        import timm  # optional: only timm: names need it
     except ImportError:
         raise CnnkitError(
             f"timm:{name} needs the timm package: pip install timm (or pip install 'cnnkit[timm]')"
@@ -354,9 +361,7 @@ def create_timm(
         hint = f" Did you mean: {', '.join('timm:' + c for c in close)}?" if close else ""
         raise CnnkitError(f"unknown timm model 'timm:{name}'.{hint} See timm.list_models()")
     try:
-        model = timm.create_model(
-            name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs
-        )
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as e:
         raise CnnkitError(f"timm:{name} does not take the options {kwargs}: {e}") from None
     except (OSError, RuntimeError) as e:
@@ -368,4 +373,3 @@ def create_timm(
             f"(they are cached under ~/.cache/huggingface or the torch hub folder), "
             f"or start from a weights file with --weights"
         ) from None
-    return TimmClassifier(model, name, in_chans)
