@@ -218,11 +218,11 @@ def build_eval(source: str, classes: list[str], preprocessing: dict) -> MaskData
     listed = _split_pairs(root, DataConfig(source=str(root)))
     pairs = listed.get("test") or listed.get("val") or listed["train"]
     size = tuple(preprocessing["input_size"])
-    decoded = _decode_pairs(pairs, preprocessing["in_chans"], size)
+    decoded = _decode_pairs(pairs, preprocessing["in_chans"], size, keep=True)
     binary = len(classes) == 2 and _binary([decoded[1]])
-    checked = _checked_masks(decoded, classes, IGNORE, binary)
+    checked = _checked_masks(decoded, classes, IGNORE, binary, size)
     mean, std = preprocessing["mean"], preprocessing["std"]
-    return MaskDataset(decoded[0], checked, [p for p, _ in pairs], mean, std)
+    return MaskDataset(decoded[0], checked, [p for p, _ in pairs], mean, std, decoded[3])
 
 
 def eval_data(source: str, meta: dict):
