@@ -87,38 +87,24 @@ def _speedrun(batch_size: int | None) -> dict:
     bias lrs are airbench94_muon's, converted from its summed loss and 1/256 head scale to
     cnnkit's batch-mean loss and speedrun_net's 1/9 (``MUON_*`` above)."""
     batch = batch_size if isinstance(batch_size, int) else MUON_BATCH
-    return {
-        "data": {
-            "batch_size": batch_size or MUON_BATCH,
-            "input_size": SPEEDRUN_SIDE,
-            "pad_crop": 2,
-            "pad_mode": "reflect",
-            "hflip": "alternate",
-            "val_fraction": 0.0,
-        },
-        "model": {"name": "speedrun_net"},
-        "optim": {
-            "name": "muon",
-            "lr": MUON_HEAD_LR_PER_IMAGE * batch,
-            "momentum": SPEEDRUN_MOMENTUM,
-            "nesterov": True,
-            "weight_decay": MUON_WD_PER_IMAGE * batch,
-            "decoupled_wd": True,
-            "norm_bias_lr_mult": MUON_BIAS_LR_PER_IMAGE / MUON_HEAD_LR_PER_IMAGE,
-            "scheduler": "linear",
-            "muon_lr": 0.24,
-            "muon_momentum": 0.6,
-            "whiten_bias_epochs": 3,
-        },
-        "train": {
-            "epochs": MUON_EPOCHS,
-            "label_smoothing": 0.2,
-            "lookahead": False,
-            "tta": "flip_translate",
-            "progressive_min": MUON_PROGRESSIVE_MIN,
-            "progressive_epochs": MUON_PROGRESSIVE_EPOCHS,
-        },
-    }
+    recipe = _airbench94(batch_size or MUON_BATCH)  # the same net, data and augmentation
+    recipe["optim"].update(
+        name="muon",
+        lr=MUON_HEAD_LR_PER_IMAGE * batch,
+        weight_decay=MUON_WD_PER_IMAGE * batch,
+        norm_bias_lr_mult=MUON_BIAS_LR_PER_IMAGE / MUON_HEAD_LR_PER_IMAGE,
+        scheduler="linear",
+        muon_lr=0.24,
+        muon_momentum=0.6,
+        whiten_bias_epochs=3,
+    )
+    recipe["train"].update(
+        epochs=MUON_EPOCHS,
+        lookahead=False,
+        progressive_min=MUON_PROGRESSIVE_MIN,
+        progressive_epochs=MUON_PROGRESSIVE_EPOCHS,
+    )
+    return recipe
 
 
 RECIPES = {"default": lambda batch_size: {}, "speedrun": _speedrun, "airbench94": _airbench94}
