@@ -20,6 +20,7 @@ from cnnkit.config import DataConfig
 from cnnkit.data import masks
 from cnnkit.data.augment import Augment
 from cnnkit.data.batchaug import BatchAugment, _resized_crop
+from cnnkit.data.masks import voc_palette
 from cnnkit.errors import CnnkitError
 from cnnkit.modelfile import MODEL_FILE, load_model_file
 from cnnkit.tasks.segmentation import IGNORE, Segmentation, SegmentationLoss, scores
@@ -340,6 +341,12 @@ def test_predict_writes_palette_masks_and_class_fractions(tmp_path):
     with Image.open(out[0]["mask"]) as mask:
         assert mask.mode == "P" and mask.size == (30, 20)
         assert set(np.unique(np.asarray(mask)).tolist()) <= {0, 1, 2, 3}
+        classes = np.asarray(mask)
+    with Image.open(out[0]["overlay"]) as overlay:  # the grey image under the class colours
+        assert overlay.mode == "RGB" and overlay.size == (30, 20)
+        pixels = np.asarray(overlay).astype(int)
+        colours = np.asarray(voc_palette(), dtype=float).reshape(256, 3)[classes]
+        assert np.abs(pixels - (0.5 * 90 + 0.5 * colours)).max() <= 1
 
 
 def test_final_score_uses_the_runs_loss_weights(tmp_path):

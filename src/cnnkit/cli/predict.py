@@ -27,12 +27,13 @@ def predict(
     tta: Annotated[str, TTA] = "none",
     out: Annotated[
         Path,
-        typer.Option(help="Segmentation models: folder for the palette mask PNGs."),
+        typer.Option(help="Segmentation models: folder for the mask and overlay PNGs."),
     ] = Path("masks"),
     debug: Annotated[bool, DEBUG] = False,
 ) -> None:
     """Classify images with a trained model, using the preprocessing stored in its file; a
-    segmentation model writes a palette mask PNG per image and gives its class fractions."""
+    segmentation model writes a palette mask PNG and an overlay PNG (its class colours over the
+    image) per image and gives its class fractions."""
     # imported when the verb runs: torch stays off `cnnkit --help` (cli/__init__)
     from cnnkit.deploy.predictor import predict as api_predict
 
@@ -72,4 +73,4 @@ def _print_masks(results: list[dict], as_json: bool) -> None:
         return
     for r in results:
         shares = "  ".join(f"{c} {f:.3f}" for c, f in r["fractions"].items())
-        print(f"{r['input']} -> {r['mask']}  {shares}")
+        print(f"{r['input']} -> {r['mask']} ({r['overlay']})  {shares}")

@@ -167,7 +167,8 @@ class Predictor:
     ) -> list[dict]:
         """One dict per image: ``{"input", "size": [w, h], "fractions": {class: share of the
         pixels}}``, plus ``"mask"``, the palette PNG written into ``mask_dir`` (class indices
-        at the image's own size, nearest-resized from the model's input size)."""
+        at the image's own size, nearest-resized from the model's input size), and
+        ``"overlay"``, the image with its class colours blended over it, beside the mask."""
         items = expand_inputs(inputs)
         results = []
         for start in range(0, len(items), batch_size):
@@ -176,7 +177,7 @@ class Predictor:
             maps = self.task.predict(self.probabilities(batch), self.classes, 1)  # (h, w) each
             for offset, (image, small) in enumerate(zip(chunk, maps, strict=True)):
                 item = items[start + offset]
-                results.append(self._segmented(item, image.size, small, start + offset, mask_dir))
+                results.append(self._segmented(item, image, small, start + offset, mask_dir))
         return results
 
     def full_mask(self, small: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -190,15 +191,17 @@ class Predictor:
         counts = torch.bincount(mask.flatten().long(), minlength=len(self.classes)).tolist()
         return {c: n / mask.numel() for c, n in zip(self.classes, counts, strict=True)}
 
-    def _segmented(self, item, size, small: torch.Tensor, index: int, mask_dir) -> dict:
-        full = self.full_mask(small, size)
+    def _segmented(self, item, image: Image.Image, small: torch.Tensor, index: int, mask_dir):
+        full = self.full_mask(small, image.size)
         name = item if isinstance(item, str) else "<image>"
-        out = {"input": name, "size": list(size), "fractions": self.fractions(full)}
+        out = {"input": name, "size": list(image.size), "fractions": self.fractions(full)}
         if mask_dir is not None:
             stem = Path(item).stem if isinstance(item, str) else f"image-{index}"
             path = Path(mask_dir) / f"{stem}.png"
             atomic_write_bytes(path, palette_png(full.numpy()))
-            out["mask"] = str(path)
+            overlay = Path(mask_dir) / f"{stem}_overlay.png"
+            atomic_write_bytes(overlay, overlay_png(image, full.numpy()))
+            out["mask"], out["overlay"] = str(path), str(overlay)
         return out
 
     def _image(self, item: str | Image.Image) -> Image.Image:
