@@ -22,7 +22,12 @@ from cnnkit.engine.fit import progressive_scales
 from cnnkit.engine.loop import resize_batch, scaled_side
 from cnnkit.engine.optim import Muon, create_optimizer, create_scheduler, orthogonalise
 from cnnkit.errors import CnnkitError
-from cnnkit.evaluation.tta import TRANSLATE_BELOW_MARGIN, TestTimeAugment, translate
+from cnnkit.evaluation.tta import (
+    FLIP_BELOW_MARGIN,
+    TRANSLATE_BELOW_MARGIN,
+    TestTimeAugment,
+    translate,
+)
 from cnnkit.models.speedrun import ConvGroup, Whitening
 from cnnkit.recipes import (
     MUON_BIAS_LR_PER_IMAGE,
@@ -142,16 +147,22 @@ def test_tta_is_the_weighted_mean_of_explicit_views_where_unsure():
     def mirror_mean(v):
         return (model(v) + model(v.flip(-1))) / 2
 
+    def margin(logits):
+        top2 = logits.softmax(1).topk(2, dim=1).values
+        return top2[:, 0] - top2[:, 1]
+
     with torch.no_grad():
-        flip = mirror_mean(x)
+        plain, flip = model(x), mirror_mean(x)
         full = 0.5 * flip + 0.25 * mirror_mean(up_left) + 0.25 * mirror_mean(down_right)
-        top2 = flip.softmax(1).topk(2, dim=1).values
-        unsure = top2[:, 0] - top2[:, 1] < TRANSLATE_BELOW_MARGIN
-        assert 0 < unsure.sum() < len(x)  # both kinds in the batch
-        expected = torch.where(unsure[:, None], full, flip)
+        mirrored = margin(plain) < FLIP_BELOW_MARGIN  # the plain view is unsure
+        shifted = mirrored & (margin(flip) < TRANSLATE_BELOW_MARGIN)  # the flip mean too
+        assert 0 < shifted.sum() < mirrored.sum() < len(x)  # all three kinds in the batch
+        expected = torch.where(mirrored[:, None], flip, plain)
+        expected = torch.where(shifted[:, None], full, expected)
         got = TestTimeAugment(model, "flip_translate")(x)
         assert torch.allclose(got, expected, atol=1e-6)
-        assert torch.allclose(TestTimeAugment(model, "flip")(x), flip, atol=1e-6)
+        expected_flip = torch.where(mirrored[:, None], flip, plain)
+        assert torch.allclose(TestTimeAugment(model, "flip")(x), expected_flip, atol=1e-6)
         for i in range(len(x)):  # the choice is per image: alone it scores the same
             alone = TestTimeAugment(model, "flip_translate")(x[i : i + 1])
             assert torch.allclose(alone, got[i : i + 1], atol=1e-6)
