@@ -181,7 +181,8 @@ def main() -> None:
     split = prepare(Path(args.root))
     ours = run_cnnkit(split, args)
     test = ours["scores"]
-    iou, dice = test["iou"][0], test["class_dice"][0]
+    membrane = test["per_class"][0]  # class 0: the membrane
+    iou, dice = membrane["iou"], membrane["dice"]
     print(
         f"cnnkit: membrane IoU {iou:.3f}, Dice {dice:.3f}, pixel accuracy "
         f"{test['pixel_acc']:.3f}, mIoU {test['miou']:.3f}; {ours['wall']:.0f} s wall "
