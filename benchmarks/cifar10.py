@@ -28,14 +28,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import torchvision
-from flops import airbench94_flops, training_flops
+from flops import airbench94_flops, image_flops, training_flops
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 import cnnkit
 from cnnkit import data as cnnkit_data
 from cnnkit.config import resolve as resolve_config
 from cnnkit.engine import runtime
+from cnnkit.engine.fit import progressive_scales
+from cnnkit.engine.loop import scaled_side
 from cnnkit.engine.optim import orthogonalise
 from cnnkit.engine.runtime import cpu_has_native_bf16
 from cnnkit.recipes import preset
@@ -69,17 +70,6 @@ def matmul_peak_gflops(size: int = 2048, seconds: float = 2.0) -> float:
         a @ b
         count += 1
     return 2 * size**3 * count / (time.perf_counter() - start) / 1e9
-
-
-def train_gflop_per_image(cfg) -> float:
-    """Forward + backward FLOPs of one training image for the config's model (batch 8)."""
-    model = cnnkit.create_model(cfg.model.name, num_classes=10, **cfg.model.kwargs)
-    x = torch.randn(8, 3, 32, 32)
-    if hasattr(model, "init_from_data"):
-        model.init_from_data(x)
-    with FlopCounterMode(display=False) as counter:
-        model(x).sum().backward()
-    return counter.get_total_flops() / 8 / 1e9
 
 
 def overrides_for(recipe: str, args) -> list[str]:
@@ -221,9 +211,10 @@ class ReferenceMuon(torch.optim.Optimizer):
                 p.sub_(g["lr"] * orthogonalise(d.reshape(len(d), -1)).view_as(d))
 
 
-def reference_sgd(model: nn.Module, oc) -> list[torch.optim.Optimizer]:
+def reference_sgd(model: nn.Module, oc, early_steps: int = 0) -> list[torch.optim.Optimizer]:
     """Nesterov SGD: conv/linear weights decay; batch-norm biases at norm_bias_lr_mult x lr;
-    decoupled decay (weight_decay is the shrink per step at peak lr, so divided by the lr)."""
+    decoupled decay (weight_decay is the shrink per step at peak lr, so divided by the lr).
+    ``early_steps``: unused (airbench94 trains its whitening bias all run)."""
     bn_biases = {id(m.bias) for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
     weights = [p for p in model.parameters() if p.ndim > 1]
     raised = [p for p in model.parameters() if id(p) in bn_biases]
@@ -283,14 +274,9 @@ def reference_run(cfg, d: dict, rt, phase=None) -> dict:
     steps = len(labels) // batch
     total = tc.epochs * steps
     early = round((oc.whiten_bias_epochs or 0) * steps)
-    optimizers = REFERENCE_OPTIMIZERS[oc.name](model, oc, *([early] if oc.name == "muon" else []))
-    ramp = tc.progressive_epochs * tc.epochs  # progressive resizing: the side of each epoch
-    sides = [
-        int(32 * (tc.progressive_min + (1 - tc.progressive_min) * e / ramp)) // 4 * 4
-        if e < ramp
-        else 32
-        for e in range(tc.epochs)
-    ]
+    optimizers = REFERENCE_OPTIMIZERS[oc.name](model, oc, early)
+    # progressive resizing: the side of each epoch, as cnnkit schedules it
+    sides = [scaled_side(images.shape[-1], scale) for scale in progressive_scales(tc)]
     fast = [t for t in model.state_dict().values() if t.is_floating_point()]
     slow = [t.clone() for t in fast]  # lookahead's slow weights (and batch-norm statistics)
     coins = torch.rand(len(labels), generator=gen) < 0.5
@@ -460,7 +446,7 @@ def main() -> None:
     for recipe in recipes:
         overrides = overrides_for(recipe, args)
         cfg = resolve_config(args.data, recipe=recipe, overrides=overrides)
-        gflop = train_gflop_per_image(cfg)
+        gflop = image_flops(cfg, 32) / 1e9
         flops = training_flops(cfg)
         print(
             f"{recipe}: model {cfg.model.name} {cfg.model.kwargs}, batch {cfg.data.batch_size}, "
