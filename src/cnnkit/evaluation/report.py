@@ -137,12 +137,7 @@ def write_report(
     figures = Figures()
     context = {"run": run_dir.resolve().name, "split": split, "tta": tta}
     data_cfg = data_cfg or DataConfig()
-    if task.name == "classification":
-        if outputs is None:
-            outputs = collect_logits(model, dataset, rt, batch_size, data_cfg, tta)
-        context.update(_classification(figures, model, dataset, rt, outputs))
-    else:
-        context.update(draw(figures, model, dataset, rt, batch_size, data_cfg, task))
+    context.update(draw(figures, model, dataset, rt, batch_size, data_cfg, task, tta, outputs))
     curves = plots.training_curves(history, *CURVES[task.name])
     context["curves"] = figures.add("curves.png", curves)
     context["model"] = _model_summary(model, meta, rt.device)
@@ -166,8 +161,13 @@ def run_task(meta: dict, run_dir: Path) -> tasks.Task:
     return task.configured(load(config).train) if config.is_file() else task
 
 
-def _classification(figures: Figures, model, dataset, rt, outputs: tuple) -> dict:
-    """The classification sections from every image's (logits, labels): metrics and figures."""
+def _classification(
+    figures: Figures, model, dataset, rt, batch_size, data_cfg, task, tta, outputs
+) -> dict:
+    """The classification sections from every image's (logits, labels) with ``tta``: the
+    given ``outputs`` (the final score's), else scored here; then metrics and figures."""
+    if outputs is None:
+        outputs = collect_logits(model, dataset, rt, batch_size, data_cfg, tta)
     logits, labels = outputs
     meta = model.meta
     metrics = from_logits(logits, labels, meta["classes"])
@@ -183,8 +183,9 @@ def _classification(figures: Figures, model, dataset, rt, outputs: tuple) -> dic
     }
 
 
-# task -> (its sections, its template); templates extend report_base.html.j2. Classification's
-# sections take the split's logits (scored once, with the run's TTA, often by the final score)
+# task -> (its sections, its template); templates extend report_base.html.j2. A sections
+# function takes (figures, model, dataset, rt, batch_size, data_cfg, task, tta, outputs): the
+# split's outputs already scored with ``tta`` (the final score's), or None to score them itself
 SECTIONS = {
     "classification": (_classification, "report.html.j2"),
     "segmentation": (segmentation_sections, "report_segmentation.html.j2"),

@@ -40,8 +40,20 @@ class _PerImage(SegmentationMetrics):
         self.images.append(image_miou(outputs, targets))
 
 
-def sections(figures, model, dataset, rt, batch_size: int, data_cfg, task: Segmentation) -> dict:
-    """The template context of the segmentation sections; figures are added to ``figures``."""
+def sections(
+    figures,
+    model,
+    dataset,
+    rt,
+    batch_size: int,
+    data_cfg,
+    task: Segmentation,
+    tta: str | None = None,
+    outputs: tuple | None = None,
+) -> dict:
+    """The template context of the segmentation sections; figures are added to ``figures``.
+    ``tta`` and ``outputs`` are not used: segmentation is scored without TTA, and a split's
+    (N, K, H, W) outputs are never kept, so the pass below is streamed."""
     meta = model.meta
     classes, pre = meta["classes"], meta["preprocessing"]
     loader = run_loader(
