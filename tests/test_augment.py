@@ -185,6 +185,11 @@ def test_resolve_takes_the_config_then_the_preset_then_the_size_default():
     assert resolve(DataConfig(pad_crop=0, hflip="alternate"), (28, 28), preset) == Augment(
         pad_crop=0, hflip="alternate", rrc_scale=(0.25, 1.0)
     )
+    given = from_dict({"data": {"rrc_scale": [0.35, 1]}}).data
+    assert resolve(given, (224, 224)).rrc_scale == (0.35, 1.0)
+    for bad in ([0.5, 0.2], [0, 1], [0.5], ["a", 1]):
+        with pytest.raises(CnnkitError, match="data.rrc_scale"):
+            from_dict({"data": {"rrc_scale": bad}})
     # choices are refused when the config loads (tests/test_config.py), not by the spec
     with pytest.raises(CnnkitError, match="alternate"):
         from_dict({"data": {"hflip": "sometimes"}})

@@ -49,6 +49,9 @@ class DataConfig:
     cutout: int = 0  # side in pixels of a square set to the mean colour per image; 0: off
     rotate: float = 0.0  # degrees: each image turned by an angle drawn in [-rotate, rotate]
     random_resized_crop: bool | None = None  # None: on for inputs of 64 px and more
+    # [min, max] area of a random resized crop, fractions of the image; None: [0.08, 1] from
+    # 128 px, [0.25, 1] below
+    rrc_scale: list | None = None
     auto_augment: Literal["none", "trivial", "rand"] = "none"
     random_erasing: float = 0.0  # probability
     mixup: float = 0.0  # Beta(alpha, alpha) for MixUp; 0 turns it off
@@ -407,6 +410,15 @@ def _check_values(cfg: Config) -> None:
         raise CnnkitError(f"optim.body_lr_mult must be > 0, got {cfg.optim.body_lr_mult}")
     if not 0 <= d.ignore_index <= 255:
         raise CnnkitError(f"data.ignore_index is a mask value in 0..255, got {d.ignore_index}")
+    if d.rrc_scale is not None and not (
+        len(d.rrc_scale) == 2
+        and all(isinstance(v, (int, float)) for v in d.rrc_scale)
+        and 0 < d.rrc_scale[0] <= d.rrc_scale[1] <= 1
+    ):
+        raise CnnkitError(
+            f"data.rrc_scale is [min, max] crop area, fractions with 0 < min <= max <= 1, "
+            f"got {d.rrc_scale}"
+        )
     if not 0 <= d.rotate <= 180:
         raise CnnkitError(f"data.rotate is an angle in degrees in [0, 180], got {d.rotate}")
     for key in ("pad_crop", "cutout", "mixup", "cutmix", "cache_memory"):

@@ -80,8 +80,9 @@ def resolve(cfg: DataConfig, input_size: tuple[int, int], preset: dict | None = 
     for spec_field in dataclasses.fields(Augment):
         given = getattr(cfg, spec_field.name, None)
         values[spec_field.name] = given if given is not None else defaults.get(spec_field.name)
-    aug = Augment(**{name: value for name, value in values.items() if value is not None})
-    return aug
+    if values["rrc_scale"] is not None:
+        values["rrc_scale"] = tuple(float(v) for v in values["rrc_scale"])
+    return Augment(**{name: value for name, value in values.items() if value is not None})
 
 
 def _size_defaults(side: int) -> dict:
