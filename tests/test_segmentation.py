@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image, ImageDraw
 
 import cnnkit
@@ -21,8 +22,10 @@ from cnnkit.data import masks
 from cnnkit.data.augment import Augment
 from cnnkit.data.batchaug import BatchAugment, _resized_crop
 from cnnkit.data.masks import voc_palette
+from cnnkit.deploy.predictor import Predictor
 from cnnkit.errors import CnnkitError
 from cnnkit.modelfile import MODEL_FILE, load_model_file
+from cnnkit.models import auto
 from cnnkit.tasks.segmentation import IGNORE, Segmentation, SegmentationLoss, scores
 from conftest import assert_same_checkpoints
 
@@ -78,14 +81,11 @@ FAST = [
 ]
 
 
-def test_shapes_reach_090_miou(tmp_path):
-    # 48x48, not 64x64: on 2 shared cores 64 px took 50 s to 0.91 mIoU (15 epochs, 192
-    # images); 48 px gets there in ~30 s.
-    data = make_shapes(tmp_path / "shapes", 320, side=48)
-    result = cnnkit.train(
-        str(data), model="test_unet", epochs=12, batch_size=16, lr=0.02, out_dir=str(tmp_path),
-        overrides=[*FAST, "model.kwargs={width: 16}"],
-    )  # fmt: skip
+def test_shapes_reach_090_miou_with_no_flags(shapes_result):
+    # the 64x64 shapes, trained as `cnnkit train DIR` would (conftest.shapes_result: the task's
+    # defaults, the U-Net, AdamW at 3e-3, batch 4, 10 epochs), in fp32: 0.94 mIoU in ~20 s on
+    # 2 cores
+    result = shapes_result
     best = result.fit.history[result.fit.best_epoch - 1]
     assert best["val_miou"] >= 0.9, best
     assert result.test_split == "val" and result.test["miou"] == pytest.approx(best["val_miou"])
@@ -100,8 +100,8 @@ def test_shapes_reach_090_miou(tmp_path):
     _, meta = load_model_file(result.run_dir / MODEL_FILE)
     assert meta["task"] == "segmentation" and meta["classes"] == SHAPES
     model = cnnkit.load_model(result.run_dir)
-    image = torch.zeros(1, 1, 48, 48)
-    assert model(image).shape == (1, 4, 48, 48)
+    image = torch.zeros(1, 1, 64, 64)
+    assert model(image).shape == (1, 4, 64, 64)
     saved = json.loads((result.run_dir / "val_metrics.json").read_text())
     assert saved["miou"] == pytest.approx(result.test["miou"])
 
@@ -116,6 +116,42 @@ def test_resume_is_exact(tmp_path):
     part = cnnkit.train(str(data), name="part", stop_after=1, **options)
     resumed = cnnkit.train(resume=part.run_dir)
     assert_same_checkpoints(whole.run_dir, resumed.run_dir, epoch=3)
+
+
+def test_zero_flag_defaults_are_the_tasks_and_recorded(tmp_path, capsys):
+    """A folder of image/mask pairs with no flags: model auto takes the U-Net at the images' side
+    (up to 256 px on a CPU), and the keys left at their classification defaults take the
+    task's (small batches, AdamW, no label smoothing, no random resized crop, epochs for ~600
+    steps); what the user set stays, and config.yaml records the result."""
+    data = make_shapes(tmp_path / "shapes", 10, side=40)
+    result = cnnkit.train(
+        str(data), epochs=1, out_dir=str(tmp_path), progress="plain", report=False,
+        overrides=["runtime.precision=fp32", "train.label_smoothing=0.05"],
+    )  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    assert any(
+        line.startswith("segmentation defaults where not set: data.batch_size=4") for line in lines
+    )
+    assert any(line.startswith("model auto: unet_small at 32 px") for line in lines)
+    saved = yaml.safe_load((result.run_dir / "config.yaml").read_text())
+    assert saved["model"]["name"] == "unet_small" and saved["data"]["input_size"] == 32
+    assert (saved["data"]["batch_size"], saved["optim"]["name"]) == (4, "adamw")
+    assert saved["data"]["random_resized_crop"] is False
+    assert (saved["train"]["epochs"], saved["train"]["label_smoothing"]) == (1, 0.05)  # given
+    assert saved["train"]["task"] == "segmentation" and saved["model"]["auto_choice"]
+    assert cnnkit.load_model(result.run_dir)(torch.zeros(1, 1, 32, 32)).shape == (1, 4, 32, 32)
+
+
+def test_default_epochs_aim_at_a_step_count():
+    epochs = {n: dict((k, v) for _, k, v in auto.segmentation_settings(n))["epochs"]
+              for n in (8, 22, 120, 100_000)}  # fmt: skip
+    low, high = auto.SEGMENTATION_EPOCHS
+    assert epochs[8] == min(high, auto.SEGMENTATION_STEPS // 2)  # 2 steps an epoch
+    assert low < epochs[22] < high and epochs[100_000] == low
+    assert 0.9 <= epochs[120] * 30 / auto.SEGMENTATION_STEPS <= 1.1  # 30 steps an epoch
+    assert auto.choose_segmentation(512, 30, "cpu").input_size == 256
+    assert auto.choose_segmentation(100, 30, "cpu").input_size == 96  # pools divide it
+    assert auto.choose_segmentation(512, 30, "cuda").input_size == 512
 
 
 def test_task_is_auto_detected_and_classifiers_refused(tmp_path):
@@ -347,6 +383,19 @@ def test_predict_writes_palette_masks_and_class_fractions(tmp_path):
         pixels = np.asarray(overlay).astype(int)
         colours = np.asarray(voc_palette(), dtype=float).reshape(256, 3)[classes]
         assert np.abs(pixels - (0.5 * 90 + 0.5 * colours)).max() <= 1
+
+
+def test_full_size_masks_are_resized_probabilities_then_argmax():
+    """Masks at an image's own size: class probabilities resized bilinearly, then the most
+    probable class per pixel, class plane by class plane; at the input size, the argmax."""
+    probs = torch.rand(3, 6, 5).softmax(0)
+    whole = torch.nn.functional.interpolate(probs[None], size=(13, 11), mode="bilinear")[0]
+    assert torch.equal(Predictor.full_mask(probs, (11, 13)), whole.argmax(0).to(torch.uint8))
+    assert torch.equal(Predictor.full_mask(probs, (5, 6)), probs.argmax(0).to(torch.uint8))
+    edge = torch.zeros(2, 4, 4)
+    edge[0, :, :2], edge[1, :, 2:] = 1.0, 1.0  # class 0 left, class 1 right
+    mask = Predictor.full_mask(edge, (8, 8))
+    assert (mask[:, :4] == 0).all() and (mask[:, 4:] == 1).all()  # the edge stays in the middle
 
 
 def test_final_score_uses_the_runs_loss_weights(tmp_path):

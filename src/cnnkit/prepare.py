@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from cnnkit import __version__, data, models, recipes
-from cnnkit.config import Config, ModelConfig
+from cnnkit.config import Config
 from cnnkit.data import images as image_files
 from cnnkit.data import masks
 from cnnkit.engine import distributed
@@ -40,10 +40,7 @@ def resolve_auto_model(cfg: Config, device: str) -> auto.Choice | None:
     cfg.model.kwargs = {**cfg.model.kwargs, **choice.kwargs}
     if cfg.data.input_size is None:
         cfg.data.input_size = choice.input_size
-    defaults = Config()
-    for section, key, value in choice.settings:  # keys the user left at their defaults
-        if getattr(getattr(cfg, section), key) == getattr(getattr(defaults, section), key):
-            setattr(getattr(cfg, section), key, value)
+    apply_defaults(cfg, choice.settings)  # keys the user left at their defaults
     if choice.pretrained and cfg.train.freeze_epochs == 0:
         cfg.train.freeze_epochs = 1  # head-only warm-up: a random head would wreck the body
     if choice.pretrained and cfg.optim.body_lr_mult == 1.0:
@@ -73,6 +70,8 @@ def auto_choice(cfg: Config, device: str, fetch: bool = False) -> auto.Choice | 
     published weights on disk may download them (``_fetch_weights``)."""
     if cfg.model.name != auto.AUTO:
         return None
+    if cfg.train.task == "segmentation":
+        return auto.choose_segmentation(*masks.peek(cfg.data), device)
     side, count = data.peek(cfg.data)
     arch = _weights_architecture(cfg.model.weights) if cfg.model.weights else None
     photos = side > auto.SMALL_MAX_SIDE
@@ -176,25 +175,28 @@ def build_data(cfg: Config):
     return splits
 
 
-DEFAULT_MODEL = ModelConfig().name
-DEFAULT_SEGMENTATION_MODEL = "unet_small"
 # segmentation: the classification names of these keys, and what they mean there
 SEGMENTATION_MONITORS = {"val_acc": "val_miou", "train_acc": "train_miou"}
 
 
 def resolve_task(cfg: Config) -> None:
     """Make ``cfg`` say the task its data is for: a folder of image and mask folders trains
-    segmentation (``train.task`` set, monitor val_acc read as val_miou); refuse what the task
+    segmentation (``train.task`` set, monitor val_acc read as val_miou, the keys the user left
+    at their defaults set to the task's: ``auto.segmentation_settings``); refuse what the task
     cannot do. The config saved with the run holds the result."""
+    main = distributed.current().main
     if cfg.train.task == "classification" and masks.is_mask_source(cfg.data):
         cfg.train.task = "segmentation"
-        if distributed.current().main:
+        if main:
             print(f"note: {cfg.data.source} holds image and mask folders: task segmentation")
     if cfg.train.task != "segmentation":
         return
     cfg.train.monitor = SEGMENTATION_MONITORS.get(cfg.train.monitor, cfg.train.monitor)
-    if cfg.model.name == DEFAULT_MODEL:  # model: auto, for segmentation: the U-Net
-        cfg.model.name = DEFAULT_SEGMENTATION_MODEL
+    applied = apply_defaults(
+        cfg, auto.segmentation_settings(masks.peek(cfg.data)[1], cfg.optim.name)
+    )
+    if applied and main:
+        print(f"segmentation defaults where not set: {applied}", flush=True)
     unsupported = [
         key
         for key, value in (
@@ -206,12 +208,24 @@ def resolve_task(cfg: Config) -> None:
     ]
     if unsupported:
         raise CnnkitError(f"segmentation does not support {', '.join(unsupported)} yet")
-    if models.model_task(cfg.model.name) != "segmentation":
+    if cfg.model.name != auto.AUTO and models.model_task(cfg.model.name) != "segmentation":
         raise CnnkitError(
             f"model '{cfg.model.name}' is a classifier; segmentation needs a model with "
             f"per-pixel outputs: {', '.join(models.list_models(task='segmentation'))}, or a "
             f"decoder head on a backbone: fpn:{cfg.model.name}, deeplab:{cfg.model.name}"
         )
+
+
+def apply_defaults(cfg: Config, settings) -> str:
+    """Set each (section, key, value) of ``settings`` whose key ``cfg`` holds at its default;
+    returns what was set, as "section.key=value, ..." (the override that sets it)."""
+    defaults = Config()
+    applied = []
+    for section, key, value in settings:
+        if getattr(getattr(cfg, section), key) == getattr(getattr(defaults, section), key):
+            setattr(getattr(cfg, section), key, value)
+            applied.append(f"{section}.{key}={value}")
+    return ", ".join(applied)
 
 
 def _data_note():

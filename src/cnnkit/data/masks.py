@@ -57,6 +57,7 @@ from cnnkit.data.readers import (  # noqa: F401 - the pair layout, re-exported f
 from cnnkit.data.splits import Splits
 from cnnkit.data.splits import build as build_classes
 from cnnkit.data.splits import build_eval as build_classes_eval
+from cnnkit.data.stats import SIZE_SAMPLE, even_sample
 from cnnkit.data.transforms import SampleAugment, ToNormalizedTensor, make_preprocessing
 from cnnkit.errors import CnnkitError
 
@@ -231,6 +232,16 @@ def eval_data(source: str, meta: dict):
     if meta.get("task") == "segmentation":
         return build_eval(source, meta["classes"], meta["preprocessing"])
     return build_classes_eval(source, meta["classes"], meta["preprocessing"])
+
+
+def peek(cfg: DataConfig) -> tuple[float, int]:
+    """(median shorter side in px, number of training pairs) of ``cfg.source``, from the file
+    listing and up to ``stats.SIZE_SAMPLE`` image headers: what ``model: auto`` and the
+    segmentation defaults choose by."""
+    pairs = _split_pairs(Path(cfg.source).expanduser(), cfg)["train"]
+    images = even_sample([image for image, _ in pairs], SIZE_SAMPLE)
+    sides = [min(image_info(path)[:2]) for path in images]
+    return float(np.median(sides)), len(pairs)
 
 
 def build_splits(cfg: DataConfig, task: str, seed: int, note=None) -> Splits:

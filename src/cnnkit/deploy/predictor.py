@@ -13,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
 
 from cnnkit import tasks
 from cnnkit.data import load_image
@@ -30,7 +29,6 @@ from cnnkit.evaluation.tta import with_tta
 from cnnkit.fileio import atomic_write_bytes
 
 GLOB_CHARS = set("*?[")
-NEAREST = v2.InterpolationMode.NEAREST
 
 
 def palette_png(mask: np.ndarray) -> bytes:
@@ -167,24 +165,37 @@ class Predictor:
     ) -> list[dict]:
         """One dict per image: ``{"input", "size": [w, h], "fractions": {class: share of the
         pixels}}``, plus ``"mask"``, the palette PNG written into ``mask_dir`` (class indices
-        at the image's own size, nearest-resized from the model's input size), and
+        at the image's own size: ``full_mask``), and
         ``"overlay"``, the image with its class colours blended over it, beside the mask."""
         items = expand_inputs(inputs)
         results = []
         for start in range(0, len(items), batch_size):
             chunk = [self._image(item) for item in items[start : start + batch_size]]
             batch = torch.stack([self.preprocess(image) for image in chunk])
-            maps = self.task.predict(self.probabilities(batch), self.classes, 1)  # (h, w) each
-            for offset, (image, small) in enumerate(zip(chunk, maps, strict=True)):
+            probs = self.probabilities(batch)  # (B, K, h, w)
+            for offset, (image, small) in enumerate(zip(chunk, probs, strict=True)):
                 item = items[start + offset]
                 results.append(self._segmented(item, image, small, start + offset, mask_dir))
         return results
 
-    def full_mask(self, small: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """A class map at the model's input size (h, w) as uint8 at an image's ``size`` (width,
-        height), nearest-resized: class indices stay class indices."""
+    @staticmethod
+    def full_mask(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """The uint8 class map (H, W) at an image's ``size`` (width, height) of one image's
+        probabilities (K, h, w) at the model's input size: each class's probability is resized
+        bilinearly, then the most probable class taken per pixel (smooth boundaries at the
+        image's own resolution, not the input size's blocks). One class plane at a time, so a
+        large image costs two float planes, not K."""
         width, height = size
-        return TF.resize(small[None].to(torch.uint8), [height, width], NEAREST)[0]
+        if (height, width) == tuple(probs.shape[-2:]):
+            return probs.argmax(0).to(torch.uint8)
+        best = torch.full((height, width), -1.0)
+        mask = torch.zeros((height, width), dtype=torch.uint8)
+        for k, plane in enumerate(probs):
+            up = F.interpolate(plane[None, None], size=(height, width), mode="bilinear")[0, 0]
+            better = up > best
+            best = torch.where(better, up, best)
+            mask[better] = k
+        return mask
 
     def fractions(self, mask: torch.Tensor) -> dict[str, float]:
         """Each class's share of the pixels of a class map."""

@@ -193,9 +193,8 @@ class _Server:
     def _masks(self, probs: torch.Tensor, images: list, names: list[str], answer: Answer):
         """Segmentation answers: each image's mask at its own size (see the module docstring)."""
         predictor = self.predictor
-        maps = predictor.task.predict(probs, predictor.classes, 1)
         results = []
-        for name, image, small in zip(names, images, maps, strict=True):
+        for name, image, small in zip(names, images, probs, strict=True):
             mask = predictor.full_mask(small, image.size).numpy()
             if answer.format == "png":
                 return Response(palette_png(mask), media_type="image/png")

@@ -11,6 +11,8 @@ the device:
   stride-2-stem ResNet at half ResNet-18's widths, trained at ``PHOTO_SIDE`` px. On ants/bees
   (245 photos, 2-core AMD EPYC with bf16, shared) 128 px beat 96 px (66.0% vs 64.7% test, in
   about the same time); ``benchmarks/photos.py`` has the zero-flag figures;
+- image and mask folders (segmentation): ``unet_small`` at up to 256 px on a CPU
+  (``choose_segmentation``), with the task's training defaults (``segmentation_settings``);
 - published ImageNet weights of a ResNet backbone (``cnnkit.models.published``: torch hub
   cache, timm's in the Hugging Face cache, or downloaded when online) or a ``--weights`` file
   whose architecture is known: fine-tune those at the weights' own side (224 px).
@@ -32,7 +34,18 @@ SMALL_PHOTO_SET = 5000  # fewer training images than this: the 10-layer slim net
 # A few hundred photos at batch 128 give 2 steps an epoch; batch 32 and 30 epochs give the
 # from-scratch net ~200 steps (ants/bees: 66.0% test at 20 epochs, 68.0% at 30). Flip TTA for
 # the final score: 68.0% -> 70.6% on the same weights (153 test photos, so +-3.7 points).
+# Progressive resizing (train.progressive_min) is not among them: measured on ants/bees (3 seeds,
+# same sitting), starting at half the side over the first half of the run lost 3.3 points
+# (64.9% vs 68.2% mean test) to save 2.5 s of 21 (the run is that short), and 0.75 lost 1.7.
 PHOTO_SETTINGS = (("data", "batch_size", 32), ("train", "epochs", 30), ("train", "tta", "flip"))
+# Segmentation (image + mask folders), model auto: the U-Net at SEGMENTATION_SIDE px on a CPU.
+SEGMENTATION_MODEL = "unet_small"
+SEGMENTATION_SIDE = {"cpu": 256}  # other devices: SEGMENTATION_SIDE_ACCEL (a guess, unmeasured)
+SEGMENTATION_SIDE_ACCEL = 512
+SEGMENTATION_BATCH = 4
+SEGMENTATION_ADAMW_LR = 3e-3  # membrane 0.919 / shapes 0.943 against 0.910 / 0.924 at 1e-3
+SEGMENTATION_STEPS = 300  # optimizer steps the default epochs aim at
+SEGMENTATION_EPOCHS = (10, 100)  # the default epochs' range
 PRETRAINED_ARCH = "resnet18"  # torchvision backbone --pretrained downloads with model auto
 PRETRAINED_SIDE = 224  # the side those weights were trained at
 PRETRAINED_BODY_LR_MULT = 0.1  # body lr / head lr after the head-only epoch (fastai-like)
@@ -94,6 +107,38 @@ def choose(
     train_side = min(PHOTO_SIDE, int(side))
     why = f"{num_images} photos of {side:g} px on {device}; {train_side} px for time to accuracy"
     return Choice(name, train_side, False, f"{why}; {no_weights}", PHOTO_SETTINGS if slim else ())
+
+
+def choose_segmentation(side: float, num_images: int, device: str) -> Choice:
+    """model: auto for a segmentation run: the U-Net, at the images' side up to the device's
+    ``SEGMENTATION_SIDE`` (a multiple of 16, which its four pools divide); the task's training
+    defaults come from ``segmentation_settings``."""
+    cap = SEGMENTATION_SIDE.get(device, SEGMENTATION_SIDE_ACCEL)
+    train_side = max(16, min(cap, int(side)) // 16 * 16)
+    why = f"{num_images} image/mask pairs of {side:g} px on {device}"
+    if train_side < side:
+        why = f"{why}; {train_side} px for time to accuracy"
+    return Choice(SEGMENTATION_MODEL, train_side, False, why)
+
+
+def segmentation_settings(num_images: int, optimizer: str = "sgd") -> tuple:
+    """(section, key, value) defaults of a segmentation run, applied where the config holds
+    the classification default: small batches (a mask is thousands of targets), AdamW at lr
+    3e-3 (unless ``optimizer``, the configured one, is another the user chose), no label
+    smoothing, no random resized crop (flips and the shapes' own scale), and epochs enough for
+    about ``SEGMENTATION_STEPS`` optimizer steps, within [SEGMENTATION_EPOCHS]."""
+    steps_per_epoch = max(1, -(-num_images // SEGMENTATION_BATCH))
+    low, high = SEGMENTATION_EPOCHS
+    epochs = min(high, max(low, round(SEGMENTATION_STEPS / steps_per_epoch)))
+    adamw = optimizer in ("sgd", "adamw")  # sgd: the default, so AdamW's lr follows
+    return (
+        ("data", "batch_size", SEGMENTATION_BATCH),
+        ("train", "epochs", epochs),
+        ("optim", "name", "adamw"),
+        *((("optim", "lr", SEGMENTATION_ADAMW_LR),) if adamw else ()),
+        ("train", "label_smoothing", 0.0),
+        ("data", "random_resized_crop", False),
+    )
 
 
 # torchvision ResNet state dicts told apart by their keys: (block key that must exist, arch)
