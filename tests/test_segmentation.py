@@ -119,10 +119,10 @@ def test_resume_is_exact(tmp_path):
 
 
 def test_zero_flag_defaults_are_the_tasks_and_recorded(tmp_path, capsys):
-    """A folder of image/mask pairs with no flags: model auto takes the U-Net at the images' side
-    (up to 256 px on a CPU), and the keys left at their classification defaults take the
-    task's (small batches, AdamW, no label smoothing, no random resized crop, epochs for ~600
-    steps); what the user set stays, and config.yaml records the result."""
+    """A folder of image/mask pairs with no flags: model auto takes the U-Net at the images' own
+    size (their side is under the CPU's 256 px), and the keys left at their classification
+    defaults take the task's (small batches, AdamW, no label smoothing, no random resized crop,
+    epochs for ~300 steps); what the user set stays, and config.yaml records the result."""
     data = make_shapes(tmp_path / "shapes", 10, side=40)
     result = cnnkit.train(
         str(data), epochs=1, out_dir=str(tmp_path), progress="plain", report=False,
@@ -132,14 +132,14 @@ def test_zero_flag_defaults_are_the_tasks_and_recorded(tmp_path, capsys):
     assert any(
         line.startswith("segmentation defaults where not set: data.batch_size=4") for line in lines
     )
-    assert any(line.startswith("model auto: unet_small at 32 px") for line in lines)
+    assert any(line.startswith("model auto: unet_small, from scratch") for line in lines)
     saved = yaml.safe_load((result.run_dir / "config.yaml").read_text())
-    assert saved["model"]["name"] == "unet_small" and saved["data"]["input_size"] == 32
+    assert saved["model"]["name"] == "unet_small" and saved["data"]["input_size"] is None
     assert (saved["data"]["batch_size"], saved["optim"]["name"]) == (4, "adamw")
     assert saved["data"]["random_resized_crop"] is False
     assert (saved["train"]["epochs"], saved["train"]["label_smoothing"]) == (1, 0.05)  # given
     assert saved["train"]["task"] == "segmentation" and saved["model"]["auto_choice"]
-    assert cnnkit.load_model(result.run_dir)(torch.zeros(1, 1, 32, 32)).shape == (1, 4, 32, 32)
+    assert cnnkit.load_model(result.run_dir)(torch.zeros(1, 1, 40, 40)).shape == (1, 4, 40, 40)
 
 
 def test_default_epochs_aim_at_a_step_count():
@@ -150,8 +150,8 @@ def test_default_epochs_aim_at_a_step_count():
     assert low < epochs[22] < high and epochs[100_000] == low
     assert 0.9 <= epochs[120] * 30 / auto.SEGMENTATION_STEPS <= 1.1  # 30 steps an epoch
     assert auto.choose_segmentation(512, 30, "cpu").input_size == 256
-    assert auto.choose_segmentation(100, 30, "cpu").input_size == 96  # pools divide it
-    assert auto.choose_segmentation(512, 30, "cuda").input_size == 512
+    assert auto.choose_segmentation(100, 30, "cpu").input_size is None  # the images' own
+    assert auto.choose_segmentation(1024, 30, "cuda").input_size == 512
 
 
 def test_task_is_auto_detected_and_classifiers_refused(tmp_path):

@@ -11,7 +11,7 @@ the device:
   stride-2-stem ResNet at half ResNet-18's widths, trained at ``PHOTO_SIDE`` px. On ants/bees
   (245 photos, 2-core AMD EPYC with bf16, shared) 128 px beat 96 px (66.0% vs 64.7% test, in
   about the same time); ``benchmarks/photos.py`` has the zero-flag figures;
-- image and mask folders (segmentation): ``unet_small`` at up to 256 px on a CPU
+- image and mask folders (segmentation): ``unet_small`` at their size, at most 256 px on a CPU
   (``choose_segmentation``), with the task's training defaults (``segmentation_settings``);
 - published ImageNet weights of a ResNet backbone (``cnnkit.models.published``: torch hub
   cache, timm's in the Hugging Face cache, or downloaded when online) or a ``--weights`` file
@@ -110,15 +110,15 @@ def choose(
 
 
 def choose_segmentation(side: float, num_images: int, device: str) -> Choice:
-    """model: auto for a segmentation run: the U-Net, at the images' side up to the device's
-    ``SEGMENTATION_SIDE`` (a multiple of 16, which its four pools divide); the task's training
+    """model: auto for a segmentation run: the U-Net, at the images' own size while their
+    shorter side is within the device's ``SEGMENTATION_SIDE``, else at that side (the U-Net
+    pads its input to a multiple of its stride, so any size works); the task's training
     defaults come from ``segmentation_settings``."""
     cap = SEGMENTATION_SIDE.get(device, SEGMENTATION_SIDE_ACCEL)
-    train_side = max(16, min(cap, int(side)) // 16 * 16)
     why = f"{num_images} image/mask pairs of {side:g} px on {device}"
-    if train_side < side:
-        why = f"{why}; {train_side} px for time to accuracy"
-    return Choice(SEGMENTATION_MODEL, train_side, False, why)
+    if side <= cap:
+        return Choice(SEGMENTATION_MODEL, None, False, f"{why}; trained at their own size")
+    return Choice(SEGMENTATION_MODEL, cap, False, f"{why}; {cap} px for time to accuracy")
 
 
 def segmentation_settings(num_images: int, optimizer: str = "sgd") -> tuple:
