@@ -173,3 +173,21 @@ def test_each_pruner_name_builds_its_optuna_pruner():
     assert isinstance(study._pruner(optuna, "hyperband", 5), optuna.pruners.HyperbandPruner)
     assert isinstance(study._pruner(optuna, "median", 5), optuna.pruners.MedianPruner)
     assert isinstance(study._pruner(optuna, "none", 5), optuna.pruners.NopPruner)
+
+
+def test_image_mask_folders_are_tuned_in_the_segmentation_space(tmp_path, capsys):
+    """A folder of image/mask pairs: the study tunes the task's parameters (AdamW's lr and
+    decay, small batches, the Dice weight) on val_miou, and every trial trains."""
+    from test_segmentation import make_shapes
+
+    data = make_shapes(tmp_path / "shapes", 16, side=24)
+    result = cnnkit.tune(
+        str(data), trials=2, study="seg", model="test_unet", epochs=2, pruner="none",
+        out_dir=str(tmp_path / "runs"), overrides=QUICK,
+    )  # fmt: skip
+    assert "val_miou" in capsys.readouterr().out
+    assert [t.state.name for t in result.trials] == ["COMPLETE", "COMPLETE"]
+    assert set(result.trials[0].params) == set(space.SEGMENTATION_SPACE)
+    assert all(0 <= t.value <= 1 for t in result.trials)
+    best = (tmp_path / "runs" / "seg" / "best.yaml").read_text()
+    assert "task: segmentation" in best and "name: adamw" in best

@@ -70,12 +70,22 @@ ADAMW_SPACE = {  # adamw trains at ~100x smaller lrs, with larger decoupled deca
     "optim.lr": {"low": 1e-4, "high": 1e-2, "log": True},
     "optim.weight_decay": {"low": 1e-3, "high": 0.3, "log": True},
 }
+SEGMENTATION_SPACE = {  # image/mask folders: AdamW (auto.segmentation_settings), small batches
+    "optim.lr": {"low": 3e-4, "high": 3e-2, "log": True},  # the task's default: 3e-3
+    "optim.weight_decay": {"low": 1e-3, "high": 0.3, "log": True},
+    "data.batch_size": {"choices": [2, 4, 8]},
+    "train.dice_weight": {"low": 0.0, "high": 2.0},  # against cross-entropy's 1
+}
 WIDTH_DEPTH = {"depth": {"choices": [1, 2]}}  # builders that take these keywords (simple_cnn)
 
 
-def default_space(recipe: str, optimizer: str, model_kwargs: tuple[str, ...] = ()) -> dict:
+def default_space(
+    recipe: str, optimizer: str, model_kwargs: tuple[str, ...] = (), task: str = "classification"
+) -> dict:
     """The default space as specs: the recipe's, adamw ranges under adamw, and the model's
-    width/depth keywords when its builder takes them."""
+    width/depth keywords when its builder takes them (simple_cnn's); segmentation: its own."""
+    if task == "segmentation":
+        return dict(SEGMENTATION_SPACE)
     space = dict(DEFAULT_SPACES[recipe])
     if optimizer == "adamw":
         space.update(ADAMW_SPACE)

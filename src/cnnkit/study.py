@@ -63,7 +63,7 @@ def tune(
     ``storage``: an SQLAlchemy URL (default: SQLite in the study folder); ``jobs``: processes
     on this machine working on the study."""
     optuna = require("optuna", "cnnkit tune")  # optional: pip install 'cnnkit[tune]'
-    base = resolve(data_source, config, overrides, **options)
+    base = _base(data_source, config, overrides, options)
     if pruner not in PRUNERS:
         raise CnnkitError(f"--pruner must be one of {', '.join(PRUNERS)}, got '{pruner}'")
     name = study or _study_name(base)
@@ -205,13 +205,21 @@ def _placement(folder: Path, name: str) -> list[str]:
     return [f"train.out_dir={folder}", f"train.name={name}"]
 
 
+def _base(data_source, config, overrides, options: dict) -> Config:
+    """The config every trial starts from, its task resolved (image/mask folders: segmentation,
+    with its monitor and defaults) so the space, metric and pruner fit the trials' runs."""
+    base = resolve(data_source, config, overrides, **options)
+    prepare.resolve_task(base)
+    return base
+
+
 def _default_space(cfg: Config) -> dict:
     """The recipe's default space; width/depth entries when the model's builder takes them."""
     try:
         takes = tuple(builder_options(_registry._lookup(_model_name(cfg)).builder) or ())
     except CnnkitError:  # adapters and your own modules: no width/depth entries
         takes = ()
-    return space.default_space(cfg.train.recipe, cfg.optim.name, takes)
+    return space.default_space(cfg.train.recipe, cfg.optim.name, takes, cfg.train.task)
 
 
 def _study_name(cfg: Config) -> str:
@@ -327,6 +335,7 @@ def _start_helpers(count: int, work: dict) -> list:
 def _helper(work: dict) -> None:
     optuna = require("optuna", "cnnkit tune")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    base = resolve(work["data_source"], work["config"], work["overrides"], **work["options"])
+    with contextlib.redirect_stdout(io.StringIO()):  # the main process said it all
+        base = _base(work["data_source"], work["config"], work["overrides"], work["options"])
     params = space.build(_default_space(base), work["space_file"])
     _work(optuna, base, work, _open(optuna, base, work, seeded=False), params)
