@@ -25,10 +25,17 @@ def _digits_loader(batch_size: int = 64):
     return data.make_loader(splits.train, batch_size, train=True, seed=0, num_workers=0)
 
 
-def test_model_and_optimizer_are_untouched():
+OPTIMIZERS = {  # AdamW: its defaults hold a key its constructor refuses (the sweep's copy)
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4),
+    "adamw": lambda params: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_model_and_optimizer_are_untouched(name):
     torch.manual_seed(0)
     model = cnnkit.create_model("test_simple_cnn", num_classes=10, in_chans=1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    optimizer = OPTIMIZERS[name](model.parameters())
     loader = _digits_loader()
     for images, labels in list(loader)[:2]:  # real momentum buffers and gradients
         optimizer.zero_grad()
@@ -52,7 +59,8 @@ def test_model_and_optimizer_are_untouched():
     after = optimizer.state_dict()
     assert after["param_groups"] == opt_state["param_groups"]
     for index, state in opt_state["state"].items():
-        assert torch.equal(after["state"][index]["momentum_buffer"], state["momentum_buffer"])
+        for key, value in state.items():
+            assert torch.equal(after["state"][index][key], value), (index, key)
     assert optimizer.param_groups[0]["params"][0] is next(model.parameters())
 
 

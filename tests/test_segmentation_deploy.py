@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 import cnnkit
+from cnnkit.cli.main import run
 from cnnkit.deploy import export as export_mod
 from cnnkit.errors import CnnkitError
 from test_segmentation import FAST, SHAPES, make_shapes
@@ -225,3 +227,30 @@ def test_lone_model_file_exports_against_given_pairs(shapes_run, tmp_path):
     assert result.parity.pixels == 5 * 24 * 24 and result.path == tmp_path / "model.torchscript.pt"
     score = cnnkit.evaluate(result.path, str(pairs), device="cpu")
     assert score["images"] == 5 and 0.0 < score["miou"] <= 1.0
+
+
+def test_eval_prints_pixel_scores_and_explain_refuses(shapes_run, capsys):
+    """`cnnkit eval` on a segmentation run prints mIoU, Dice, pixel accuracy, per-class IoU and
+    the pixel confusion; `cnnkit explain` (Grad-CAM of a class) says what to use instead."""
+    assert run(["eval", str(shapes_run)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"split val: \d+ images  mIoU 0\.\d{4}  dice 0\.\d{4}  pixel acc", out)
+    assert "pixel confusion matrix" in out and all(name in out for name in SHAPES)
+    image = next((shapes_run.parent / "shapes" / "images").glob("*.png"))
+    assert run(["explain", str(shapes_run), str(image)]) == 2  # a usage error, not a crash
+    err = capsys.readouterr().err
+    assert "segmentation model" in err and "cnnkit predict" in err and "Traceback" not in err
+
+
+def test_lr_auto_sweeps_the_segmentation_loss(tmp_path, capsys):
+    """`--lr auto` and `cnnkit lr-find` on image/mask folders: the sweep runs the task's loss
+    on its pairs, and the run trains at the suggestion."""
+    data = make_shapes(tmp_path / "shapes", 16, side=24)
+    result = cnnkit.train(
+        str(data), model="test_unet", epochs=1, lr="auto", out_dir=str(tmp_path),
+        overrides=["train.progress=plain", "train.report=false", "runtime.threads=1"],
+    )  # fmt: skip
+    found = re.search(r"lr finder: suggested lr ([0-9.e-]+)", capsys.readouterr().out)
+    lr = yaml.safe_load((result.run_dir / "config.yaml").read_text())["optim"]["lr"]
+    assert found and lr == pytest.approx(float(found.group(1)), rel=1e-3)
+    assert 1e-5 < lr < 1.0 and result.test["miou"] > 0

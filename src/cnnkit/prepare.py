@@ -202,7 +202,6 @@ def resolve_task(cfg: Config) -> None:
         for key, value in (
             ("train.tta", cfg.train.tta != "none"),
             ("data.batch_size=auto", cfg.data.batch_size == "auto"),
-            ("optim.lr=auto", cfg.optim.lr == "auto"),
         )
         if value
     ]

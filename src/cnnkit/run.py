@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cnnkit import data, prepare, tasks
+from cnnkit import prepare, tasks
 from cnnkit.config import Config, from_dict, load, resolve
 from cnnkit.data.host import cache_root
 from cnnkit.deploy.formats import load_model
@@ -393,10 +393,11 @@ def lr_find(
     an ``LrFindResult`` (lrs, losses, smoothed losses, ``suggestion``, ``figure()``)."""
     options, module = prepare.model_option(options)
     cfg = resolve(data_source, config, overrides, **options)
+    prepare.resolve_task(cfg)  # image/mask folders: the segmentation task, its loss and data
     rt = runtime.resolve(cfg.runtime, cfg.train.deterministic)
     runtime.seed_everything(cfg.train.seed)
     prepare.resolve_auto_model(cfg, rt.device.type)
-    splits = data.build(cfg.data, seed=cfg.train.seed)
+    splits = prepare.build_data(cfg)
     model = prepare.build_model(cfg, splits, module=module)
     splits = prepare.match_pretrained_normalisation(cfg, splits, model)
     return lr_find_for_config(model, splits, cfg, rt, steps=steps)

@@ -39,7 +39,8 @@ def eval_(
     ] = None,
     debug: Annotated[bool, DEBUG] = False,
 ) -> None:
-    """Loss, top-1/top-5, per-class precision/recall/F1 and the confusion matrix."""
+    """Loss, top-1/top-5, per-class precision/recall/F1 and the confusion matrix (segmentation:
+    mIoU, Dice, pixel accuracy, per-class IoU/Dice and the pixel confusion matrix)."""
     # imported when the verb runs: torch stays off `cnnkit --help` (cli/__init__)
     from cnnkit.evaluation.scoring import evaluate
 
@@ -64,6 +65,9 @@ def _print_tables(m: dict) -> None:
     from rich.table import Table
 
     console = Console()
+    if "miou" in m:  # a segmentation model: scores over pixels
+        _print_segmentation(console, m)
+        return
     console.print(
         f"split {m['split']}: {m['images']} images  acc {m['acc']:.4f}  "
         f"top-5 {m['acc5']:.4f}  loss {m['loss']:.4f}  "
@@ -84,11 +88,33 @@ def _print_tables(m: dict) -> None:
             str(r["support"]),
         )
     console.print(table)
-    classes = m["classes"]
+    _print_confusion(console, m["classes"], m["confusion"], "confusion matrix")
+
+
+def _print_segmentation(console, m: dict) -> None:
+    from rich.table import Table
+
+    console.print(
+        f"split {m['split']}: {m['images']} images  mIoU {m['miou']:.4f}  dice {m['dice']:.4f}  "
+        f"pixel acc {m['pixel_acc']:.4f}  loss {m['loss']:.4f}"
+    )
+    if "input_size" in m:
+        trained = "x".join(map(str, m["trained_size"]))
+        console.print(f"evaluated at {m['input_size']} px; the model trained at {trained}")
+    table = Table("class", "IoU", "Dice", "pixels", title="per class")
+    for r in m["per_class"]:
+        table.add_row(r["class"], f"{r['iou']:.3f}", f"{r['dice']:.3f}", str(r["pixels"]))
+    console.print(table)
+    _print_confusion(console, m["classes"], m["confusion"], "pixel confusion matrix")
+
+
+def _print_confusion(console, classes: list[str], confusion: list, title: str) -> None:
+    from rich.table import Table
+
     if len(classes) > MAX_CONFUSION_CLASSES:
         console.print(f"confusion matrix: {len(classes)} classes, too wide to print; use --json")
         return
-    cm = Table("true \\ pred", *[c[:8] for c in classes], title="confusion matrix")
-    for name, row in zip(classes, m["confusion"], strict=True):
+    cm = Table("true \\ pred", *[c[:8] for c in classes], title=title)
+    for name, row in zip(classes, confusion, strict=True):
         cm.add_row(name[:12], *[str(v) for v in row])
     console.print(cm)

@@ -228,11 +228,11 @@ def _summary(result) -> None:
             f"{result.test_split} (best weights): acc {t['acc']:.4f}  top-5 {t['acc5']:.4f}  "
             f"loss {t['loss']:.4f}  balanced acc {t['balanced_acc']:.4f}"
         )
-        if result.test_split == "val":
-            print(
-                "note: scored on the validation split that picked these weights, so it is "
-                "optimistic; add a test/ folder (or --test) for a held-out score"
-            )
+    if result.test is not None and result.test_split == "val":
+        print(
+            "note: scored on the validation split that picked these weights, so it is "
+            "optimistic; add a test/ folder (or --test) for a held-out score"
+        )
     run = result.run_dir
     print(f"run folder: {run}")
     print(f"next: cnnkit eval {run}   |   cnnkit predict {run / 'model.safetensors'} IMAGES")

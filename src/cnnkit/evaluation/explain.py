@@ -44,6 +44,12 @@ def explain(
     if method not in METHODS:
         raise CnnkitError(f"unknown CAM method '{method}'; choose from {', '.join(METHODS)}")
     model = load_model(run_or_model, device=device)
+    if model.meta.get("task", "classification") != "classification":
+        raise CnnkitError(
+            f"cnnkit explain draws class activation maps of classifiers; {run_or_model} is a "
+            f"{model.meta['task']} model, whose predicted masks are the explanation: cnnkit "
+            "predict RUN IMAGES --out DIR writes them with overlays"
+        )
     rt = runtime.for_model(model.meta, device, precision)
     model = model.to(memory_format=rt.memory_format)
     classes, pre = model.meta["classes"], model.meta["preprocessing"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -101,6 +102,15 @@ def lr_find(
     return result
 
 
+def _constructor_defaults(optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer.defaults`` less the keys its class's constructor does not take (torch's
+    AdamW records ``decoupled_weight_decay``, which only Adam's constructor accepts)."""
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        return dict(optimizer.defaults)
+    return {key: value for key, value in optimizer.defaults.items() if key in accepted}
+
+
 def _copies(model: nn.Module, optimizer: torch.optim.Optimizer):
     """Deep copies of the model and of the optimizer, the copy bound to the copied parameters."""
     work = copy.deepcopy(model)
@@ -112,7 +122,7 @@ def _copies(model: nn.Module, optimizer: torch.optim.Optimizer):
         except KeyError:
             raise CnnkitError("the optimizer holds parameters that are not the model's") from None
         groups.append({**group, "params": params})
-    opt = type(optimizer)(groups, **optimizer.defaults)
+    opt = type(optimizer)(groups, **_constructor_defaults(optimizer))
     # deepcopy: load_state_dict would otherwise share the momentum buffers with the original
     opt.load_state_dict(copy.deepcopy(optimizer.state_dict()))
     return work, opt
