@@ -61,3 +61,37 @@ def test_eval_at_another_input_size_feeds_images_of_that_size(digits_result, cap
     assert larger["loss"] != pytest.approx(plain["loss"])
     assert run(["eval", str(digits_result.run_dir), "--input-size", "16"]) == 0
     assert "evaluated at 16 px; the model trained at 8x8" in capsys.readouterr().out
+
+
+def test_dense_outputs_are_mapped_back_before_averaging():
+    """Segmentation logits (B, K, H, W): a mirrored view's map is mirrored back and a shifted
+    view's shifted back, so a per-pixel model (1x1 conv) gives its own map under every mode
+    (inside the 1-pixel border that the shifts fill by reflection); a model that is not
+    mirror-symmetric averages its map with the mirrored-back map of the mirror image."""
+    from cnnkit.evaluation.tta import TestTimeAugment
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 9, 7)
+    pointwise = torch.nn.Conv2d(2, 4, 1).eval()
+    with torch.no_grad():
+        plain = pointwise(x)
+        assert torch.allclose(TestTimeAugment(pointwise, "flip")(x), plain, atol=1e-6)
+        views = TestTimeAugment(pointwise, "flip_translate")(x)
+        assert torch.allclose(views[..., 1:-1, 1:-1], plain[..., 1:-1, 1:-1], atol=1e-6)
+        lopsided = torch.nn.Conv2d(2, 4, (1, 3), padding=(0, 1)).eval()
+        expected = 0.5 * (lopsided(x) + lopsided(x.flip(-1)).flip(-1))
+        assert torch.allclose(TestTimeAugment(lopsided, "flip")(x), expected, atol=1e-6)
+        assert not torch.allclose(expected, lopsided(x), atol=1e-3)
+
+
+def test_segmentation_eval_and_predict_take_tta(shapes_result, capsys):
+    run_dir = shapes_result.run_dir
+    plain = evaluate(run_dir)
+    flipped = evaluate(run_dir, tta="flip")
+    assert flipped["miou_no_tta"] == plain["miou"] and 0.8 < flipped["miou"] <= 1
+    assert flipped["pixel_acc_no_tta"] == plain["pixel_acc"]
+    assert run(["eval", str(run_dir), "--tta", "flip"]) == 0
+    assert f"without: mIoU {plain['miou']:.4f}" in capsys.readouterr().out
+    image = str(next((run_dir.parent / "shapes" / "images").glob("*.png")))
+    masks = predict(run_dir, [image], tta="flip_translate")
+    assert masks[0]["size"] == [64, 64] and sum(masks[0]["fractions"].values()) == 1.0

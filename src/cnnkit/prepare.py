@@ -198,12 +198,7 @@ def resolve_task(cfg: Config) -> None:
     if applied and main:
         print(f"segmentation defaults where not set: {applied}", flush=True)
     unsupported = [
-        key
-        for key, value in (
-            ("train.tta", cfg.train.tta != "none"),
-            ("data.batch_size=auto", cfg.data.batch_size == "auto"),
-        )
-        if value
+        key for key, value in (("data.batch_size=auto", cfg.data.batch_size == "auto"),) if value
     ]
     if unsupported:
         raise CnnkitError(f"segmentation does not support {', '.join(unsupported)} yet")

@@ -101,6 +101,11 @@ def _print_segmentation(console, m: dict) -> None:
     if "input_size" in m:
         trained = "x".join(map(str, m["trained_size"]))
         console.print(f"evaluated at {m['input_size']} px; the model trained at {trained}")
+    if "tta" in m:
+        console.print(
+            f"with tta {m['tta']}; without: mIoU {m['miou_no_tta']:.4f}  "
+            f"pixel acc {m['pixel_acc_no_tta']:.4f}"
+        )
     table = Table("class", "IoU", "Dice", "pixels", title="per class")
     for r in m["per_class"]:
         table.add_row(r["class"], f"{r['iou']:.3f}", f"{r['dice']:.3f}", str(r["pixels"]))

@@ -122,10 +122,6 @@ class Predictor:
             )
         self.rt = runtime.for_model(meta, device, precision)  # default: the run's precision
         self.task = tasks.get(meta.get("task", "classification"))  # files before 0.1.1: none
-        if tta != "none" and self.task.name != "classification":
-            raise CnnkitError(  # flipped views give flipped masks: averaging needs more
-                f"--tta is for classification models; this is a {self.task.name} model"
-            )
         model = model.to(self.rt.device, memory_format=self.rt.memory_format).eval()
         self.model = with_tta(model, tta)
         self.meta = meta

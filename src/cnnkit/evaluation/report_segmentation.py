@@ -20,6 +20,7 @@ from cnnkit.data.masks import overlay
 from cnnkit.data.memory import run_loader
 from cnnkit.engine.loop import evaluate
 from cnnkit.evaluation import plots
+from cnnkit.evaluation.tta import with_tta
 from cnnkit.tasks.segmentation import Segmentation, SegmentationMetrics, image_miou
 
 FIGURE_NAMES = {"curves.png", "iou.png", "confusion.png", "overlays.png", "worst.png"}
@@ -52,7 +53,7 @@ def sections(
     outputs: tuple | None = None,
 ) -> dict:
     """The template context of the segmentation sections; figures are added to ``figures``.
-    ``tta`` and ``outputs`` are not used: segmentation is scored without TTA, and a split's
+    ``tta``: the run's (as its final score had it); ``outputs`` is not used: a split's
     (N, K, H, W) outputs are never kept, so the pass below is streamed."""
     meta = model.meta
     classes, pre = meta["classes"], meta["preprocessing"]
@@ -61,7 +62,8 @@ def sections(
         memory_format=rt.memory_format,
     )  # fmt: skip
     metrics = _PerImage(len(classes), rt.device)
-    raw = evaluate(model, loader, rt, metrics, task.loss(0.0, None))
+    scorer = with_tta(model, tta or "none")
+    raw = evaluate(scorer, loader, rt, metrics, task.loss(0.0, None))
     per_image = torch.cat(metrics.images).cpu() if metrics.images else torch.empty(0)
     summary = task.summarize(raw, classes)
     total = max(sum(r["pixels"] for r in summary["per_class"]), 1)
@@ -78,8 +80,8 @@ def sections(
             "confusion.png",
             plots.confusion_figure(confusion, classes, plots.confusion_classes(confusion)),
         ),
-        "overlays": _overlays(figures, "overlays.png", model, dataset, first, per_image, rt),
-        "worst": _overlays(figures, "worst.png", model, dataset, worst, per_image, rt),
+        "overlays": _overlays(figures, "overlays.png", scorer, pre, dataset, first, per_image, rt),
+        "worst": _overlays(figures, "worst.png", scorer, pre, dataset, worst, per_image, rt),
         "worst_count": len(worst),
     }
 
@@ -91,11 +93,11 @@ def _worst(per_image: torch.Tensor, count: int) -> list[int]:
 
 
 @torch.inference_mode()
-def _overlays(figures, name: str, model, dataset, indices, per_image, rt) -> str | None:
-    """Image, truth and prediction (class colours over the image) for each of ``indices``."""
+def _overlays(figures, name: str, model, pre, dataset, indices, per_image, rt) -> str | None:
+    """Image, truth and prediction (class colours over the image) for each of ``indices``;
+    ``pre``: the model's preprocessing."""
     if not indices:
         return None
-    pre = model.meta["preprocessing"]
     batch = torch.stack([dataset[i][0] for i in indices])
     with rt.autocast():
         logits = model(rt.to_device(batch))

@@ -42,23 +42,25 @@ def evaluate(
     Without ``data_source`` the run's own test split is used (its validation split when it has
     no test split); that needs a run folder, not a bare model file. ``precision``: fp32, bf16,
     fp16 or auto; default: the precision the run trained with. ``tta``: none, flip or
-    flip_translate (``evaluation.tta``); the metrics then also hold ``acc_no_tta``, so the gain
-    is measured, not assumed. ``input_size``: evaluate at this square side instead of the
+    flip_translate (``evaluation.tta``); the metrics then also hold ``acc_no_tta``
+    (segmentation: ``miou_no_tta`` and ``pixel_acc_no_tta``), so the gain is measured, not
+    assumed. ``input_size``: evaluate at this square side instead of the
     trained one (the metrics then hold ``input_size`` and ``trained_size``).
     """
     model = load_model(run_or_model, device=device)
     trained = model.meta["preprocessing"]["input_size"]
     if input_size is not None:
         model.meta["preprocessing"] = at_side(model.meta["preprocessing"], input_size)
-    task = model.meta.get("task", "classification")
-    if check_mode(tta) != "none" and task != "classification":
-        raise CnnkitError(f"--tta is for classification models; this is a {task} model")
+    check_mode(tta)
     rt = runtime.for_model(model.meta, device, precision)
     dataset, split = eval_dataset(run_or_model, model, data_source, input_size)
     data_cfg = DataConfig(num_workers=num_workers)
     metrics = score(model, dataset, batch_size, rt, data_cfg, tta)
-    if tta != "none":
-        metrics["acc_no_tta"] = score(model, dataset, batch_size, rt, data_cfg)["acc"]
+    if tta != "none":  # the headline scores without it, beside: acc, or mIoU and pixel acc
+        plain = score(model, dataset, batch_size, rt, data_cfg)
+        for key in ("acc", "miou", "pixel_acc"):
+            if key in plain:
+                metrics[f"{key}_no_tta"] = plain[key]
     metrics["split"] = split
     if input_size is not None:
         metrics["input_size"], metrics["trained_size"] = input_size, trained

@@ -12,6 +12,10 @@ also the shifted views. On the test split of four CIFAR-10 speedrun runs (benchm
 the gates at 0.7 and 0.3 kept 55% of the images on one view and sent 16% to the shifted ones, and
 scored exactly as all six views on every image, at 2.1 passes per image instead of 6. The
 choice is per image, so an image scores the same in any batch.
+
+Dense outputs (segmentation logits (B, K, H, W)) are mapped back onto the image before they are
+averaged: a mirrored view's map is mirrored back, a shifted view's shifted back; every image
+takes every view (the margin gates are per image, not per pixel).
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ class TestTimeAugment(nn.Module):
         out = self.model(images)
         picked = _unsure(out, FLIP_BELOW_MARGIN)
         if flip and len(picked):  # the mirror, for the images the plain view leaves unsure
-            mirror = self.model(images.index_select(0, picked).flip(-1))
+            mirror = _back(self.model(images.index_select(0, picked).flip(-1)), 0, 0, True)
             out = out.index_copy(0, picked, 0.5 * (out.index_select(0, picked) + mirror))
         picked = _unsure(out, TRANSLATE_BELOW_MARGIN)  # then the shifted views
         if not rest or not len(picked):
@@ -82,8 +86,18 @@ class TestTimeAugment(nn.Module):
 
     def _view(self, images: torch.Tensor, dy: int, dx: int, flip: bool) -> torch.Tensor:
         view = translate(images, dy, dx)
-        logits = self.model(view)
-        return 0.5 * (logits + self.model(view.flip(-1))) if flip else logits
+        logits = _back(self.model(view), dy, dx, False)
+        if not flip:
+            return logits
+        return 0.5 * (logits + _back(self.model(view.flip(-1)), dy, dx, True))
+
+
+def _back(outputs: torch.Tensor, dy: int, dx: int, flipped: bool) -> torch.Tensor:
+    """A view's outputs in the image's frame: class logits as they are; dense maps (B, K, H, W)
+    mirrored back when the view was ``flipped``, then shifted back by (-dy, -dx)."""
+    if outputs.ndim != 4:
+        return outputs
+    return translate(outputs.flip(-1) if flipped else outputs, -dy, -dx)
 
 
 def _unsure(logits: torch.Tensor, below: float) -> torch.Tensor:
