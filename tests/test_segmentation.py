@@ -142,6 +142,19 @@ def test_zero_flag_defaults_are_the_tasks_and_recorded(tmp_path, capsys):
     assert cnnkit.load_model(result.run_dir)(torch.zeros(1, 1, 40, 40)).shape == (1, 4, 40, 40)
 
 
+def test_a_given_input_size_is_the_one_the_auto_line_names(tmp_path, capsys):
+    from cnnkit import prepare
+    from cnnkit.config import load
+
+    data = make_shapes(tmp_path / "shapes", 4, side=40)
+    cfg = load(overrides=[f"data.source={data}", "data.input_size=48"])
+    prepare.resolve_task(cfg)
+    prepare.resolve_auto_model(cfg, "cpu")
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("model auto: unet_small at 48 px") and "--input-size 48 as given" in line
+    assert cfg.data.input_size == 48 and cfg.model.auto_choice == line
+
+
 def test_default_epochs_aim_at_a_step_count():
     epochs = {n: dict((k, v) for _, k, v in auto.segmentation_settings(n))["epochs"]
               for n in (8, 22, 120, 100_000)}  # fmt: skip

@@ -6,6 +6,8 @@ recipe makes of the data, and the metadata its model file carries. ``cnnkit.run`
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import nn
 
 from cnnkit import __version__, data, models, recipes
@@ -35,11 +37,14 @@ def resolve_auto_model(cfg: Config, device: str) -> auto.Choice | None:
     choice = auto_choice(cfg, device, fetch=True)
     if choice is None:
         return None
+    if cfg.data.input_size is None:
+        cfg.data.input_size = choice.input_size
+    elif cfg.data.input_size != choice.input_size:  # the user's side wins; the line says so
+        given = f"{choice.reason}; --input-size {cfg.data.input_size} as given"
+        choice = dataclasses.replace(choice, input_size=cfg.data.input_size, reason=given)
     cfg.model.name, cfg.model.auto_choice = choice.name, choice.line()
     cfg.model.pretrained = choice.pretrained
     cfg.model.kwargs = {**cfg.model.kwargs, **choice.kwargs}
-    if cfg.data.input_size is None:
-        cfg.data.input_size = choice.input_size
     apply_defaults(cfg, choice.settings)  # keys the user left at their defaults
     if choice.pretrained and cfg.train.freeze_epochs == 0:
         cfg.train.freeze_epochs = 1  # head-only warm-up: a random head would wreck the body
