@@ -104,13 +104,17 @@ def test_exports_predict_the_same_masks(shapes_run, tmp_path, fmt):
     assert got[-1]["size"] == [37, 30] and same / total >= 0.999, same / total
 
 
-def test_int8_export_agrees_per_pixel(shapes_result, tmp_path):
+def test_int8_export_agrees_per_pixel(shapes_result, tmp_path, monkeypatch):
     """Static int8 ONNX of a trained U-Net (the 64 px shapes run with no flags): calibrated on
     training images, gated on the share of validation pixels whose class matches the fp32
     model's (>= 99%). (A barely trained net, as in ``shapes_run``, is refused: 98.7%.)"""
     pytest.importorskip("onnxruntime", reason="int8 export needs the 'export' extra")
     run = shapes_result.run_dir
+    work = tmp_path / "cwd"  # ORT once dumped its shape-inference files here
+    work.mkdir()
+    monkeypatch.chdir(work)
     result = export_mod.export(run, "int8", out=tmp_path / "model.int8.onnx")
+    assert not list(work.iterdir())
     parity = result.parity
     assert parity.passed and parity.pixels == parity.images * 64 * 64
     assert parity.agreement >= export_mod.INT8_MIN_AGREEMENT

@@ -252,12 +252,10 @@ def write_int8(model: nn.Module, path: Path, calibration) -> str:
     try:
         write_onnx(model, fp32)
         with _quiet():
-            try:
-                quant_pre_process(str(fp32), str(pre))
-            except Exception:  # noqa: BLE001 - ORT raises a bare Exception when its symbolic
-                # shape inference cannot follow a graph (a U-Net's pad to a multiple of 16 and
-                # crop back); ONNX's own shape inference is all a CNN's quantization needs
-                quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+            # ONNX's own shape inference is all a CNN's quantization needs. ORT's symbolic one
+            # cannot follow a U-Net's pad-to-16-and-crop, and on failing it dumps
+            # sym_shape_infer_temp.onnx and its weights into the working directory.
+            quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
             quant.quantize_static(
                 str(pre),
                 str(path),
