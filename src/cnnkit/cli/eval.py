@@ -65,52 +65,50 @@ def _print_tables(m: dict) -> None:
     from rich.table import Table
 
     console = Console()
-    if "miou" in m:  # a segmentation model: scores over pixels
-        _print_segmentation(console, m)
-        return
-    console.print(
-        f"split {m['split']}: {m['images']} images  acc {m['acc']:.4f}  "
-        f"top-5 {m['acc5']:.4f}  loss {m['loss']:.4f}  "
+    head, without, columns, rows, title = (_segmentation if "miou" in m else _classification)(m)
+    console.print(f"split {m['split']}: {m['images']} images  {head}")
+    if "input_size" in m:
+        trained = "x".join(map(str, m["trained_size"]))
+        console.print(f"evaluated at {m['input_size']} px; the model trained at {trained}")
+    if "tta" in m:
+        console.print(f"with tta {m['tta']}; without: {without()}")
+    table = Table(*columns, title="per class")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    _print_confusion(console, m["classes"], m["confusion"], title)
+
+
+def _classification(m: dict) -> tuple:
+    """(headline, the headline without TTA (called when there was TTA), per-class columns and
+    rows, confusion title) of a classifier's metrics."""
+    head = (
+        f"acc {m['acc']:.4f}  top-5 {m['acc5']:.4f}  loss {m['loss']:.4f}  "
         f"balanced acc {m['balanced_acc']:.4f}  macro F1 {m['macro_f1']:.4f}"
     )
-    if "input_size" in m:
-        trained = "x".join(map(str, m["trained_size"]))
-        console.print(f"evaluated at {m['input_size']} px; the model trained at {trained}")
-    if "tta" in m:
-        console.print(f"with tta {m['tta']}; without: acc {m['acc_no_tta']:.4f}")
-    table = Table("class", "precision", "recall", "F1", "support", title="per class")
-    for r in m["per_class"]:
-        table.add_row(
-            r["class"],
-            f"{r['precision']:.3f}",
-            f"{r['recall']:.3f}",
-            f"{r['f1']:.3f}",
-            str(r["support"]),
-        )
-    console.print(table)
-    _print_confusion(console, m["classes"], m["confusion"], "confusion matrix")
+    rows = [
+        (r["class"], *(f"{r[key]:.3f}" for key in ("precision", "recall", "f1")), str(r["support"]))
+        for r in m["per_class"]
+    ]
+    columns = ("class", "precision", "recall", "F1", "support")
+    return head, lambda: f"acc {m['acc_no_tta']:.4f}", columns, rows, "confusion matrix"
 
 
-def _print_segmentation(console, m: dict) -> None:
-    from rich.table import Table
-
-    console.print(
-        f"split {m['split']}: {m['images']} images  mIoU {m['miou']:.4f}  dice {m['dice']:.4f}  "
-        f"pixel acc {m['pixel_acc']:.4f}  loss {m['loss']:.4f}"
+def _segmentation(m: dict) -> tuple:
+    """As ``_classification``, for a segmentation model's scores over pixels."""
+    head = (
+        f"mIoU {m['miou']:.4f}  dice {m['dice']:.4f}  pixel acc {m['pixel_acc']:.4f}  "
+        f"loss {m['loss']:.4f}"
     )
-    if "input_size" in m:
-        trained = "x".join(map(str, m["trained_size"]))
-        console.print(f"evaluated at {m['input_size']} px; the model trained at {trained}")
-    if "tta" in m:
-        console.print(
-            f"with tta {m['tta']}; without: mIoU {m['miou_no_tta']:.4f}  "
-            f"pixel acc {m['pixel_acc_no_tta']:.4f}"
-        )
-    table = Table("class", "IoU", "Dice", "pixels", title="per class")
-    for r in m["per_class"]:
-        table.add_row(r["class"], f"{r['iou']:.3f}", f"{r['dice']:.3f}", str(r["pixels"]))
-    console.print(table)
-    _print_confusion(console, m["classes"], m["confusion"], "pixel confusion matrix")
+
+    def without() -> str:
+        return f"mIoU {m['miou_no_tta']:.4f}  pixel acc {m['pixel_acc_no_tta']:.4f}"
+
+    rows = [
+        (r["class"], f"{r['iou']:.3f}", f"{r['dice']:.3f}", str(r["pixels"]))
+        for r in m["per_class"]
+    ]
+    return head, without, ("class", "IoU", "Dice", "pixels"), rows, "pixel confusion matrix"
 
 
 def _print_confusion(console, classes: list[str], confusion: list, title: str) -> None:
