@@ -66,9 +66,10 @@ def run_cnnkit(split: Path, args) -> dict:
     out = Path("/tmp/membrane/bench_runs")
     flags = {"--model": args.model, "--epochs": args.epochs, "--input-size": args.input_size}
     given = [x for flag, value in flags.items() if value is not None for x in (flag, str(value))]
+    name = f"m{int(time.time())}"
     command = [
         sys.executable, "-m", "cnnkit", "train", str(split), *given,
-        "--name", f"m{int(time.time())}", f"train.out_dir={out}", "train.progress=plain",
+        "--name", name, f"train.out_dir={out}", "train.progress=plain",
         *args.set,
     ]  # fmt: skip
     print("$", " ".join(command[1:]), flush=True)
@@ -78,7 +79,7 @@ def run_cnnkit(split: Path, args) -> dict:
     if done.returncode:
         raise SystemExit(done.stdout[-2000:] + done.stderr[-2000:])
     print("\n".join(done.stdout.splitlines()[:4]), "\n...\n", done.stdout[-900:], flush=True)
-    run = sorted(out.iterdir(), key=lambda p: p.stat().st_mtime)[-1]
+    run = out / name
     scores = json.loads((run / "test_metrics.json").read_text())
     side = yaml.safe_load((run / "config.yaml").read_text())["data"]["input_size"]
     with open(run / "metrics.csv") as f:

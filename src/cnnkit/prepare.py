@@ -198,7 +198,7 @@ def resolve_task(cfg: Config) -> None:
         return
     cfg.train.monitor = SEGMENTATION_MONITORS.get(cfg.train.monitor, cfg.train.monitor)
     applied = apply_defaults(
-        cfg, auto.segmentation_settings(masks.peek(cfg.data)[1], cfg.optim.name)
+        cfg, auto.segmentation_settings(len(masks.train_pairs(cfg.data)), cfg.optim.name)
     )
     if applied and main:
         print(f"segmentation defaults where not set: {applied}", flush=True)

@@ -277,7 +277,7 @@ def _fit_in(
         test, split_name, outputs = _final_eval(run_dir, splits, cfg, rt, template)
     result.timings["final_eval"] = time.perf_counter() - start
     start = time.perf_counter()
-    if cfg.train.report and main and tasks.get(cfg.train.task).reports:
+    if cfg.train.report and main:
         _report_after_training(run_dir, splits, split_name, cfg, rt, template, outputs)
     result.timings["report"] = time.perf_counter() - start
     distributed.barrier()
@@ -301,8 +301,7 @@ def _final_eval(
         return None, None, None
     model = load_model(run_dir / MODEL_FILE, str(rt.device), copy.deepcopy(template))
     task = tasks.get(cfg.train.task).configured(cfg.train)  # the loss the run validated with
-    # only a report's split is kept: a segmentation split's outputs would be (N, K, H, W)
-    kept: list | None = [] if cfg.train.report and cfg.train.task == "classification" else None
+    kept: list | None = [] if cfg.train.report and task.keeps_outputs else None
     metrics = score(
         model, dataset, cfg.data.batch_size, rt, cfg.data, cfg.train.tta, task, keep=kept
     )

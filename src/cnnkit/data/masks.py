@@ -26,6 +26,7 @@ executor (``MaskSamples``, through DataLoader workers). Both run the one ``Augme
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -41,7 +42,7 @@ from cnnkit.config import DataConfig
 from cnnkit.data import augment
 from cnnkit.data.augment import Augment
 from cnnkit.data.batchaug import BATCHED_OPS
-from cnnkit.data.cache import DecodeBudget
+from cnnkit.data.cache import DecodeBudget, decoded_bytes
 from cnnkit.data.images import GRAY_MODES, decode, image_info, load_mask, mode_for
 from cnnkit.data.loader import EpochDataset
 from cnnkit.data.readers import (  # noqa: F401 - the pair layout, re-exported for callers
@@ -57,7 +58,7 @@ from cnnkit.data.readers import (  # noqa: F401 - the pair layout, re-exported f
 from cnnkit.data.splits import Splits
 from cnnkit.data.splits import build as build_classes
 from cnnkit.data.splits import build_eval as build_classes_eval
-from cnnkit.data.stats import SIZE_SAMPLE, even_sample
+from cnnkit.data.stats import median_side
 from cnnkit.data.transforms import SampleAugment, ToNormalizedTensor, make_preprocessing
 from cnnkit.errors import CnnkitError
 
@@ -169,7 +170,10 @@ def build(cfg: DataConfig, seed: int, note: Callable[[str], None] | None = None)
     budget = DecodeBudget(cfg.decode_cache, cfg.cache_memory)
     decoded = {
         name: _decode_pairs(
-            pairs, in_chans, size, budget.take(len(pairs) * in_chans * size[0] * size[1])
+            pairs,
+            in_chans,
+            size,
+            budget.take(decoded_bytes(len(pairs), mode_for(in_chans), {"size": size})),
         )
         for name, pairs in listed.items()
     }
@@ -234,14 +238,16 @@ def eval_data(source: str, meta: dict):
     return build_classes_eval(source, meta["classes"], meta["preprocessing"])
 
 
+def train_pairs(cfg: DataConfig) -> list[tuple[Path, Path]]:
+    """The training (image, mask) pairs of ``cfg.source``, from the file listing."""
+    return _split_pairs(Path(cfg.source).expanduser(), cfg)["train"]
+
+
 def peek(cfg: DataConfig) -> tuple[float, int]:
     """(median shorter side in px, number of training pairs) of ``cfg.source``, from the file
-    listing and up to ``stats.SIZE_SAMPLE`` image headers: what ``model: auto`` and the
-    segmentation defaults choose by."""
-    pairs = _split_pairs(Path(cfg.source).expanduser(), cfg)["train"]
-    images = even_sample([image for image, _ in pairs], SIZE_SAMPLE)
-    sides = [min(image_info(path)[:2]) for path in images]
-    return float(np.median(sides)), len(pairs)
+    listing and up to ``stats.SIZE_SAMPLE`` image headers: what ``model: auto`` chooses by."""
+    pairs = train_pairs(cfg)
+    return median_side([image for image, _ in pairs]), len(pairs)
 
 
 def build_splits(cfg: DataConfig, task: str, seed: int, note=None) -> Splits:
@@ -414,7 +420,8 @@ def _fingerprint(listed: dict, classes, ignore: int, size) -> str:
     return h.hexdigest()[:16]
 
 
-def voc_palette() -> list[int]:
+@functools.cache
+def _voc_colours() -> tuple[int, ...]:
     """256 RGB colours, PASCAL VOC's: the bits of the class index spread over R, G and B."""
     colours = []
     for index in range(256):
@@ -426,7 +433,12 @@ def voc_palette() -> list[int]:
             b |= ((c >> 2) & 1) << shift
             c >>= 3
         colours += [r, g, b]
-    return colours
+    return tuple(colours)
+
+
+def voc_palette() -> list[int]:
+    """PASCAL VOC's 256 RGB colours as a flat list (computed once, a new list per call)."""
+    return list(_voc_colours())
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:

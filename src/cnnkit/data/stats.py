@@ -61,8 +61,14 @@ def native_side(train) -> float:
         return float(min(train.images.shape[-2:]))
     if isinstance(train, shards.ShardDataset):
         infos = train.headers(SIZE_SAMPLE)
-    else:
-        infos = _headers(even_sample(train.paths, SIZE_SAMPLE))
+        return float(np.median([min(w, h) for w, h, _ in infos]))
+    return median_side(train.paths)
+
+
+def median_side(paths: Sequence) -> float:
+    """Median shorter side (px) of up to SIZE_SAMPLE of ``paths``, evenly spread, from their
+    headers (unreadable ones left to the pre-flight check)."""
+    infos = _headers(even_sample(paths, SIZE_SAMPLE))
     return float(np.median([min(w, h) for w, h, _ in infos]))
 
 

@@ -179,6 +179,7 @@ class _Server:
                 batch, decoded = self._preprocess(images, names)  # cheaper than a thread hop
             else:
                 batch, decoded = await run_in_threadpool(self._preprocess, images, names)
+            decoded = decoded if dense else None  # only masks are drawn at the image's size
             if asyncio.get_running_loop().time() > deadline:
                 return error(504, "timed out")  # the caller has its 504; spare the model
             probs = await self.batcher.submit(batch)

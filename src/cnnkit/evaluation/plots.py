@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -195,6 +196,18 @@ def image_grid(images: list[np.ndarray], captions: list[str], cols: int = 6) -> 
     # one data unit is one pixel here: the figure is the mosaic's size at DPI
     _shrink_to_fit(fig, texts, width=cell_w - 2, height=CAPTION - 4)
     return fig
+
+
+FILE_NAME_CHARS = 22  # a longer file name in a caption is cut in the middle: it fits a 7 pt tile
+
+
+def file_caption(dataset, index: int, default: str) -> str:
+    """The file name of ``dataset``'s image ``index`` for a caption, cut in the middle to
+    ``FILE_NAME_CHARS``; ``default`` when the dataset has no file paths."""
+    paths = getattr(dataset, "paths", None)
+    if paths is None:
+        return default
+    return shorten(Path(paths[index]).name, FILE_NAME_CHARS)
 
 
 def shorten(line: str, limit: int = CAPTION_CHARS) -> str:

@@ -58,7 +58,6 @@ MISTAKES = 18  # most confidently wrong images shown
 CAM_CLASSES = 12  # classes with Grad-CAM overlays (the worst by F1 when there are more)
 CAM_PER_CLASS = 2
 MAX_LAYER_ROWS = 80
-FILE_NAME_CHARS = 22  # a longer name in a caption is cut in the middle: it fits a tile at 7 pt
 
 
 @dataclass
@@ -250,10 +249,8 @@ def _mistakes(figures: Figures, dataset, logits, labels, meta) -> dict | None:
 
 
 def _name(dataset, index: int) -> str:
-    paths = getattr(dataset, "paths", None)
-    if paths is None:
-        return ""
-    return plots.shorten(Path(paths[index]).name, FILE_NAME_CHARS) + "\n"
+    name = plots.file_caption(dataset, index, "")
+    return f"{name}\n" if name else ""
 
 
 def _gradcam(figures: Figures, model, dataset, labels, metrics: dict, rt) -> dict | None:

@@ -11,7 +11,6 @@ large split needs no more memory than its validation does.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,7 +25,6 @@ from cnnkit.tasks.segmentation import Segmentation, SegmentationMetrics, image_m
 FIGURE_NAMES = {"curves.png", "iou.png", "confusion.png", "overlays.png", "worst.png"}
 OVERLAYS = 6  # first images of the split shown as image | truth | prediction
 WORST = 6  # images with the lowest mIoU shown the same way
-FILE_NAME_CHARS = 22  # a longer file name in a caption is cut in the middle
 
 
 class _PerImage(SegmentationMetrics):
@@ -98,7 +96,8 @@ def _overlays(figures, name: str, model, pre, dataset, indices, per_image, rt) -
     ``pre``: the model's preprocessing."""
     if not indices:
         return None
-    batch = torch.stack([dataset[i][0] for i in indices])
+    items = [dataset[i] for i in indices]  # (image, mask) each, read once
+    batch = torch.stack([image for image, _ in items])
     with rt.autocast():
         logits = model(rt.to_device(batch))
     predicted = logits.float().argmax(1).cpu().numpy()
@@ -106,15 +105,8 @@ def _overlays(figures, name: str, model, pre, dataset, indices, per_image, rt) -
     for j, i in enumerate(indices):
         image = (plots.display_image(batch[j], pre["mean"], pre["std"]) * 255).round()
         image = image.astype(np.uint8)
-        truth = dataset[i][1].numpy()
+        truth = items[j][1].numpy()
         tiles += [image, overlay(image, truth), overlay(image, predicted[j])]
-        score = float(per_image[i]) if len(per_image) > i else math.nan
-        captions += [_caption(dataset, i), "truth", f"prediction\nmIoU {score:.3f}"]
+        caption = plots.file_caption(dataset, i, f"image {i}")
+        captions += [caption, "truth", f"prediction\nmIoU {float(per_image[i]):.3f}"]
     return figures.add(name, plots.image_grid(tiles, captions, cols=6))
-
-
-def _caption(dataset, index: int) -> str:
-    paths = getattr(dataset, "paths", None)
-    if paths is None:
-        return f"image {index}"
-    return plots.shorten(Path(paths[index]).name, FILE_NAME_CHARS)

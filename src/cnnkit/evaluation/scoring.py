@@ -56,11 +56,10 @@ def evaluate(
     dataset, split = eval_dataset(run_or_model, model, data_source, input_size)
     data_cfg = DataConfig(num_workers=num_workers)
     metrics = score(model, dataset, batch_size, rt, data_cfg, tta)
-    if tta != "none":  # the headline scores without it, beside: acc, or mIoU and pixel acc
+    if tta != "none":  # the task's headline scores without it, beside
         plain = score(model, dataset, batch_size, rt, data_cfg)
-        for key in ("acc", "miou", "pixel_acc"):
-            if key in plain:
-                metrics[f"{key}_no_tta"] = plain[key]
+        for key in tasks.get(model.meta.get("task", "classification")).headline:
+            metrics[f"{key}_no_tta"] = plain[key]
     metrics["split"] = split
     if input_size is not None:
         metrics["input_size"], metrics["trained_size"] = input_size, trained

@@ -131,9 +131,6 @@ class DenseModel(ClassifierModel):
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.backbone(x)
 
-    def forward_head(self, x: list[torch.Tensor], pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _resize(self.head(self.backbone(x)), x)
 

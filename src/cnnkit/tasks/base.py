@@ -52,7 +52,10 @@ class Task:
     train_fields: Sequence[str] = ("loss",)  # summary fields logged per epoch as train_<field>
     val_fields: Sequence[str] = ("loss",)  # ... and as val_<field>
     shown: Sequence[str] = ("train_loss", "val_loss")  # row fields printed per epoch
-    reports = True  # whether cnnkit.evaluation.report can draw a report of this task
+    headline: Sequence[str] = ("loss",)  # summary fields a score is read by (and shown without TTA)
+    # whether the final score keeps its split's outputs for the report to reuse (False where a
+    # split's outputs are too large to hold, e.g. (N, K, H, W) maps: the report streams its own)
+    keeps_outputs = True
 
     def configured(self, train_cfg) -> Task:
         """The task with the run's own settings (``TrainConfig``, e.g. loss weights)."""

@@ -56,6 +56,7 @@ class Classification(Task):
     train_fields = ("loss", "acc")
     val_fields = ("loss", "acc", "acc5")
     shown = ("train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc")
+    headline = ("acc",)
 
     def loss(self, label_smoothing: float, class_weights: torch.Tensor | None) -> nn.Module:
         return nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)

@@ -137,6 +137,8 @@ class Segmentation(Task):
     train_fields = ("loss", "miou", "pixel_acc")
     val_fields = ("loss", "miou", "dice", "pixel_acc")
     shown = ("train_loss", "train_miou", "val_loss", "val_miou", "val_pixel_acc")
+    headline = ("miou", "pixel_acc")
+    keeps_outputs = False  # (N, K, H, W) per split
 
     def __init__(self, ce_weight: float = 1.0, dice_weight: float = 1.0) -> None:
         self.ce_weight, self.dice_weight = ce_weight, dice_weight
